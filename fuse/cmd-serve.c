@@ -1,0 +1,254 @@
+/* nbdfs serve: the bundled NBD server as a standalone program. */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include "nbdfs.h"
+#include "server.h"
+
+#define SD_LISTEN_FDS_START 3
+
+typedef struct {
+    char *socket;
+    char *port;
+    char *bind;
+    char *pid_file;
+    gboolean read_only;
+    gboolean fork;
+    gboolean verbose;
+    gint max_connections;
+    gint handshake_limit;
+    gint threads;
+    char **images;
+} ServeOptions;
+
+/* The listening fds systemd-style socket activation passed us, or 0. */
+static int activation_fd_count(void)
+{
+    const char *pid = g_getenv("LISTEN_PID");
+    const char *fds = g_getenv("LISTEN_FDS");
+    guint64 p, n;
+
+    if (!pid || !fds || !g_ascii_string_to_unsigned(pid, 10, 1, G_MAXINT, &p, NULL) ||
+        (pid_t)p != getpid() || !g_ascii_string_to_unsigned(fds, 10, 1, 64, &n, NULL)) {
+        return 0;
+    }
+    /* Not for our children. */
+    g_unsetenv("LISTEN_PID");
+    g_unsetenv("LISTEN_FDS");
+    g_unsetenv("LISTEN_FDNAMES");
+    return (int)n;
+}
+
+static bool write_pid_file(const char *path, GError **error)
+{
+    g_autofree char *text = g_strdup_printf("%d\n", (int)getpid());
+    return g_file_set_contents(path, text, -1, error);
+}
+
+/*
+ * --fork: the parent waits until the child is listening and has written its
+ * pid file, then exits 0, so a script may connect as soon as we return.
+ * Returns the write end of the ready pipe in the child.
+ */
+static int daemonize(void)
+{
+    int pipefd[2];
+    pid_t pid;
+    char c;
+
+    if (pipe2(pipefd, O_CLOEXEC) < 0) {
+        nbdfs_error("serve", "pipe: %s", g_strerror(errno));
+        exit(1);
+    }
+    pid = fork();
+    if (pid < 0) {
+        nbdfs_error("serve", "fork: %s", g_strerror(errno));
+        exit(1);
+    }
+    if (pid > 0) {
+        close(pipefd[1]);
+        /* One byte means ready; EOF means the child failed (it said why). */
+        exit(read(pipefd[0], &c, 1) == 1 ? 0 : 1);
+    }
+    close(pipefd[0]);
+    setsid();
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null >= 0) {
+        dup2(null, STDIN_FILENO);
+        dup2(null, STDOUT_FILENO);
+        close(null);
+    }
+    return pipefd[1];
+}
+
+static bool validate(const ServeOptions *o, int n_activation)
+{
+    guint64 v;
+
+    if (!o->images || !o->images[0]) {
+        nbdfs_error("serve", "no IMAGE given (see 'nbdfs serve --help')");
+        return false;
+    }
+    if (o->port && !g_ascii_string_to_unsigned(o->port, 10, 1, 65535, &v, NULL)) {
+        nbdfs_error("serve", "--port: '%s' is not a port number (1-65535)", o->port);
+        return false;
+    }
+    if (o->bind && !o->port) {
+        nbdfs_error("serve", "--bind needs --port");
+        return false;
+    }
+    if (n_activation && (o->socket || o->port)) {
+        nbdfs_error("serve", "socket activation (LISTEN_FDS) cannot be combined with -U or -p");
+        return false;
+    }
+    if (o->max_connections < 1) {
+        nbdfs_error("serve", "--max-connections: must be at least 1, not %d", o->max_connections);
+        return false;
+    }
+    if (o->handshake_limit < 0) {
+        nbdfs_error("serve", "--handshake-limit: must be 0 (none) or more seconds, not %d",
+                    o->handshake_limit);
+        return false;
+    }
+    if (o->threads < 0 || o->threads > 1024) {
+        nbdfs_error("serve", "--threads: must be between 1 and 1024, not %d", o->threads);
+        return false;
+    }
+    return true;
+}
+
+int nbdfs_cmd_serve(int argc, char **argv)
+{
+    ServeOptions o = {
+        .max_connections = NBDS_DEFAULT_MAX_CONNECTIONS,
+        .handshake_limit = NBDS_DEFAULT_HANDSHAKE_LIMIT,
+    };
+    const GOptionEntry entries[] = {
+        { "socket", 'U', 0, G_OPTION_ARG_FILENAME, &o.socket,
+          "Listen on the unix socket PATH", "PATH" },
+        { "port", 'p', 0, G_OPTION_ARG_STRING, &o.port,
+          "Listen on TCP port PORT (default 10809 when no other socket is given)", "PORT" },
+        { "bind", 'b', 0, G_OPTION_ARG_STRING, &o.bind,
+          "Address to listen on with --port (default 127.0.0.1)", "ADDR" },
+        { "read-only", 'r', 0, G_OPTION_ARG_NONE, &o.read_only,
+          "Export the images read-only", NULL },
+        { "pid-file", 0, 0, G_OPTION_ARG_FILENAME, &o.pid_file,
+          "Write the server's pid to FILE once it listens", "FILE" },
+        { "fork", 0, 0, G_OPTION_ARG_NONE, &o.fork,
+          "Go to the background once listening", NULL },
+        { "max-connections", 0, 0, G_OPTION_ARG_INT, &o.max_connections,
+          "Serve at most N clients at once (default 128)", "N" },
+        { "handshake-limit", 0, 0, G_OPTION_ARG_INT, &o.handshake_limit,
+          "Drop clients that have not negotiated within SECONDS (default 10; 0 = never)",
+          "SECONDS" },
+        { "threads", 0, 0, G_OPTION_ARG_INT, &o.threads,
+          "Worker threads running requests (default 16)", "N" },
+        { "verbose", 'v', 0, G_OPTION_ARG_NONE, &o.verbose,
+          "Log every option and request", NULL },
+        { G_OPTION_REMAINING, 0, 0, G_OPTION_ARG_FILENAME_ARRAY, &o.images, NULL, "IMAGE..." },
+        { NULL }
+    };
+    g_autoptr(NbdsServer) server = NULL;
+    g_autoptr(GError) error = NULL;
+    int n_activation = activation_fd_count();
+    int ready_fd = -1;
+    int stop_fd;
+    sigset_t mask;
+    int status = 0;
+
+    if (!nbdfs_parse_options("serve", "IMAGE...",
+                             "Serve each raw IMAGE over NBD under its base name; the first "
+                             "is also the default export \"\".\nWith no -U or -p, and no "
+                             "socket activation, listens on 127.0.0.1:10809.",
+                             entries, &argc, &argv) ||
+        !validate(&o, n_activation)) {
+        return 1;
+    }
+    if (o.verbose) {
+        g_setenv("G_MESSAGES_DEBUG", "all", TRUE);
+    }
+
+    /* SIGINT/SIGTERM arrive through a signalfd; every thread inherits the block. */
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGINT);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &mask, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    server = nbds_server_new(&(NbdsServerConfig){
+        .read_only = o.read_only,
+        .max_connections = o.max_connections,
+        .handshake_limit = o.handshake_limit,
+        .threads = o.threads,
+    });
+    for (char **img = o.images; *img; img++) {
+        if (!nbds_server_add_export(server, *img, &error)) {
+            nbdfs_error("serve", "%s", error->message);
+            return 1;
+        }
+    }
+    for (int i = 0; i < n_activation; i++) {
+        if (!nbds_server_listen_fd(server, SD_LISTEN_FDS_START + i, &error)) {
+            nbdfs_error("serve", "socket activation: %s", error->message);
+            return 1;
+        }
+    }
+    if (o.socket && !nbds_server_listen_unix(server, o.socket, &error)) {
+        nbdfs_error("serve", "--socket: %s", error->message);
+        return 1;
+    }
+    if ((o.port || (!o.socket && !n_activation)) &&
+        !nbds_server_listen_tcp(server, o.bind ? o.bind : "127.0.0.1",
+                                o.port ? o.port : "10809", &error)) {
+        nbdfs_error("serve", "%s", error->message);
+        if (o.socket) {
+            unlink(o.socket);
+        }
+        return 1;
+    }
+
+    if (o.fork) {
+        ready_fd = daemonize();
+    }
+    if (o.pid_file && !write_pid_file(o.pid_file, &error)) {
+        nbdfs_error("serve", "--pid-file: %s", error->message);
+        return 1;
+    }
+    stop_fd = signalfd(-1, &mask, SFD_CLOEXEC);
+    if (stop_fd < 0) {
+        nbdfs_error("serve", "signalfd: %s", g_strerror(errno));
+        return 1;
+    }
+    if (ready_fd >= 0) {
+        if (write(ready_fd, "", 1) != 1) {
+            return 1;
+        }
+        close(ready_fd);
+    }
+
+    nbds_server_run(server, stop_fd);
+    g_message("shutting down");
+    if (!nbds_server_shutdown(server)) {
+        status = 1;
+    }
+    close(stop_fd);
+    if (o.socket) {
+        unlink(o.socket);
+    }
+    if (o.pid_file) {
+        unlink(o.pid_file);
+    }
+    g_free(o.socket);
+    g_free(o.port);
+    g_free(o.bind);
+    g_free(o.pid_file);
+    g_strfreev(o.images);
+    return status;
+}

@@ -1,0 +1,84 @@
+/* nbdfs: dispatch to a subcommand. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "config.h"
+#include "nbdfs.h"
+
+static const struct {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *summary;
+} subcommands[] = {
+    { "serve", nbdfs_cmd_serve, "serve raw images over NBD" },
+};
+
+void nbdfs_error(const char *subcommand, const char *fmt, ...)
+{
+    va_list ap;
+
+    fprintf(stderr, "nbdfs%s%s: ", subcommand ? " " : "", subcommand ? subcommand : "");
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+gboolean nbdfs_parse_options(const char *subcommand, const char *params, const char *summary,
+                             const GOptionEntry *entries, int *argc, char ***argv)
+{
+    g_autoptr(GOptionContext) ctx = g_option_context_new(params);
+    g_autoptr(GError) error = NULL;
+    g_autofree char *prgname = g_strdup_printf("nbdfs %s", subcommand);
+
+    g_set_prgname(prgname);
+    g_option_context_set_summary(ctx, summary);
+    g_option_context_add_main_entries(ctx, entries, NULL);
+    if (!g_option_context_parse(ctx, argc, argv, &error)) {
+        nbdfs_error(subcommand, "%s (see 'nbdfs %s --help')", error->message, subcommand);
+        return FALSE;
+    }
+    return TRUE;
+}
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "Usage: nbdfs SUBCOMMAND [OPTIONS] ...\n"
+            "\n"
+            "Mount NBD exports as files; serve raw images over NBD.\n"
+            "\n"
+            "Subcommands:\n");
+    for (size_t i = 0; i < G_N_ELEMENTS(subcommands); i++) {
+        fprintf(out, "  %-8s %s\n", subcommands[i].name, subcommands[i].summary);
+    }
+    fprintf(out,
+            "\n"
+            "Run 'nbdfs SUBCOMMAND --help' for a subcommand's options.\n"
+            "  -h, --help      show this help\n"
+            "  -V, --version   show the version\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 1;
+    }
+    if (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "-V") == 0 || strcmp(argv[1], "--version") == 0) {
+        printf("nbdfs %s\n", NBDFS_VERSION);
+        return 0;
+    }
+    for (size_t i = 0; i < G_N_ELEMENTS(subcommands); i++) {
+        if (strcmp(argv[1], subcommands[i].name) == 0) {
+            return subcommands[i].run(argc - 1, argv + 1);
+        }
+    }
+    nbdfs_error(NULL, "unknown subcommand '%s' (see 'nbdfs --help')", argv[1]);
+    return 1;
+}

@@ -1,0 +1,181 @@
+/*
+ * Internal interfaces of the NBD server, grouped by the file that defines them.
+ * Reading order: server.c (exports, listeners, connections) -> conn.c (socket
+ * I/O) -> handshake.c (greeting and options) -> meta-context.c -> transmission.c
+ * (requests) -> reply.c (reply framing) -> block-status.c -> image.c.
+ */
+#ifndef NBDS_INTERNAL_H
+#define NBDS_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+#include <glib.h>
+
+#include "extents.h"
+#include "image.h"
+#include "protocol.h"
+#include "server.h"
+#include "wire.h"
+
+/* Largest option a client may send us with data we parse (longer: ERR_TOO_BIG). */
+#define NBDS_MAX_OPTION_LEN  (64u << 10)
+/* Requests served at once per connection, and the bytes they may hold. */
+#define NBDS_MAX_IN_FLIGHT       64
+#define NBDS_MAX_IN_FLIGHT_BYTES (64u << 20)
+
+typedef struct NbdsConn NbdsConn;
+
+/* ---- meta-context.c ---- */
+
+typedef struct NbdsMetaContext NbdsMetaContext;
+
+/* Fill E (its range, cap and mode are set) with CTX's status; 0 or an errno. */
+typedef int (*NbdsExtentsFn)(NbdsExport *exp, const NbdsMetaContext *ctx, NbdsExtents *e);
+
+/* A metadata context an export offers; its id is its index in exp->contexts. */
+struct NbdsMetaContext {
+    char *name;                    /* "base:allocation", "qemu:dirty-bitmap:b0" */
+    NbdsExtentsFn extents;
+    gpointer opaque;
+};
+
+void nbds_meta_context_free(NbdsMetaContext *ctx);
+void nbds_meta_add_base_allocation(NbdsExport *exp);
+
+/* Handle NBD_OPT_LIST_META_CONTEXT / SET_META_CONTEXT; DATA is the whole option. */
+int nbds_meta_handle_option(NbdsConn *c, uint32_t option, const uint8_t *data,
+                            uint32_t len);
+/* Forget the selection (GO of another export, failed SET). */
+void nbds_meta_clear(NbdsConn *c);
+
+/* ---- server.c ---- */
+
+struct NbdsExport {
+    char *name;
+    char *description;
+    NbdsImage *image;
+    bool read_only;
+    GPtrArray *contexts;           /* NbdsMetaContext *, index = context id */
+};
+
+struct NbdsServer {
+    NbdsServerConfig config;
+    GPtrArray *exports;            /* NbdsExport *; [0] is also the default export */
+    GArray *listen_fds;            /* int */
+    GThreadPool *workers;          /* runs requests of every connection */
+
+    GMutex lock;                   /* protects what follows */
+    GCond cond;
+    GList *conns;                  /* NbdsConn *, live connections */
+    unsigned n_conns;
+    unsigned n_refusing;           /* over-cap clients being turned away */
+    gint shutting_down;            /* atomic: read by connections without the lock */
+};
+
+/* The export NAME, or NULL.  "" is the default export. */
+NbdsExport *nbds_server_find_export(NbdsServer *server, const char *name);
+uint16_t nbds_export_flags(const NbdsExport *exp);
+
+/* ---- conn.c ---- */
+
+struct NbdsConn {
+    NbdsServer *server;
+    int fd;
+    char *peer;                    /* for log messages */
+    gint64 deadline;               /* monotonic us; 0 = none (handshake limit) */
+    bool refuse;                   /* over the connection cap: answer options with POLICY */
+
+    /* Negotiated state. */
+    bool no_zeroes;
+    NbdsHeaderMode mode;
+    bool structured;               /* STRUCTURED_REPLY acknowledged (EH supersedes it) */
+    NbdsExport *export;            /* after GO / EXPORT_NAME */
+    uint16_t eflags;
+
+    /* Metadata context selection (meta-context.c). */
+    NbdsExport *meta_export;       /* the export named by the last SET, or NULL */
+    bool *meta_selected;           /* [meta_export->contexts->len] */
+    unsigned meta_count;           /* how many are selected */
+
+    /* Transmission (transmission.c, reply.c). */
+    GMutex send_lock;              /* one reply chunk at a time on the socket */
+    GMutex lock;                   /* protects what follows */
+    GCond cond;
+    unsigned in_flight;
+    uint64_t in_flight_bytes;
+    gint broken;                   /* atomic: a send failed, stop reading and close */
+};
+
+NbdsConn *nbds_conn_new(NbdsServer *server, int fd);
+void nbds_conn_free(NbdsConn *c);
+
+/* Read or write exactly LEN bytes; false on EOF, error or the handshake deadline. */
+bool nbds_conn_read(NbdsConn *c, void *buf, size_t len);
+bool nbds_conn_write(NbdsConn *c, const void *buf, size_t len);
+/* Consumes IOV: its entries are advanced as bytes are sent. */
+bool nbds_conn_writev(NbdsConn *c, struct iovec *iov, int iovcnt);
+/* Read and discard LEN bytes without allocating LEN. */
+bool nbds_conn_skip(NbdsConn *c, uint64_t len);
+
+/* ---- handshake.c ---- */
+
+/* Greeting and option haggling; true when transmission may start. */
+bool nbds_handshake(NbdsConn *c);
+
+/* Send one option reply with DATA, or an error reply with a printf message. */
+bool nbds_opt_reply(NbdsConn *c, uint32_t option, uint32_t reply, const void *data,
+                    size_t len);
+bool nbds_opt_error(NbdsConn *c, uint32_t option, uint32_t reply, const char *fmt, ...)
+    G_GNUC_PRINTF(4, 5);
+
+/* ---- transmission.c ---- */
+
+/* Serve requests until DISC, EOF or a broken stream; waits for work in flight. */
+void nbds_transmission(NbdsConn *c);
+/* GThreadPool function: runs one request (NbdsWork *). */
+void nbds_work_run(gpointer work, gpointer server);
+
+/* ---- reply.c ---- */
+
+/*
+ * Reply helpers.  All take c->send_lock for each write, so chunks of
+ * different requests may interleave but never tear.  They return false when
+ * the socket failed (the connection is then marked broken).
+ */
+bool nbds_reply_ok(NbdsConn *c, const NbdsRequest *req);
+bool nbds_reply_error(NbdsConn *c, const NbdsRequest *req, uint32_t nbd_error,
+                      const char *fmt, ...) G_GNUC_PRINTF(4, 5);
+/* Send prepared chunks (headers included) in one write under the send lock. */
+bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt);
+/* Encode one chunk header for REQ into BUF; returns its size. */
+size_t nbds_chunk_header(NbdsConn *c, const NbdsRequest *req, uint16_t flags,
+                         uint16_t type, uint64_t length, void *buf);
+/* Simple reply with optional data. */
+bool nbds_reply_simple(NbdsConn *c, const NbdsRequest *req, uint32_t error,
+                       const void *data, size_t len);
+
+/* errno from the backend -> NBDS_E* on the wire. */
+uint32_t nbds_errno_to_wire(int err);
+
+/* ---- block-status.c ---- */
+
+/*
+ * Parse and check a block-status payload (8-byte effect length, then 4-byte
+ * context ids).  SELECTED[i] tells whether id i was negotiated (N entries).
+ * On success stores the effect length and the ids (at most N) and returns 0;
+ * otherwise returns NBDS_EINVAL with *WHY set.
+ */
+uint32_t nbds_block_status_parse_payload(const uint8_t *payload, size_t len,
+                                         const bool *selected, size_t n,
+                                         uint64_t *effect_length, uint32_t *ids,
+                                         size_t *n_ids, const char **why);
+
+/*
+ * Answer BLOCK_STATUS for [REQ->offset, +LENGTH) with the contexts IDS (all
+ * selected ones in id order when N_IDS is 0): one chunk per context.
+ */
+bool nbds_block_status_reply(NbdsConn *c, const NbdsRequest *req, uint64_t length,
+                             const uint32_t *ids, size_t n_ids);
+
+#endif /* NBDS_INTERNAL_H */

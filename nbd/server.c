@@ -1,0 +1,410 @@
+/*
+ * The server object: exports, listening sockets, the accept loop, one thread
+ * per connection (handshake, then the request reader) and clean shutdown.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <gio/gio.h>
+
+/* Over-cap clients answered politely at once; beyond this they are just closed. */
+#define MAX_REFUSING 16
+/* How long shutdown lets connections finish before cutting them off. */
+#define SHUTDOWN_GRACE_US (5 * G_USEC_PER_SEC)
+
+static void export_free(NbdsExport *exp)
+{
+    if (!exp) {
+        return;
+    }
+    g_ptr_array_unref(exp->contexts);
+    nbds_image_close(exp->image);
+    g_free(exp->name);
+    g_free(exp->description);
+    g_free(exp);
+}
+
+NbdsServer *nbds_server_new(const NbdsServerConfig *config)
+{
+    NbdsServer *s = g_new0(NbdsServer, 1);
+
+    s->config = *config;
+    if (!s->config.threads) {
+        s->config.threads = 16;
+    }
+    s->exports = g_ptr_array_new_with_free_func((GDestroyNotify)export_free);
+    s->listen_fds = g_array_new(FALSE, FALSE, sizeof(int));
+    g_mutex_init(&s->lock);
+    g_cond_init(&s->cond);
+    return s;
+}
+
+void nbds_server_free(NbdsServer *s)
+{
+    if (!s) {
+        return;
+    }
+    nbds_server_shutdown(s);
+    g_ptr_array_unref(s->exports);
+    g_array_unref(s->listen_fds);
+    g_mutex_clear(&s->lock);
+    g_cond_clear(&s->cond);
+    g_free(s);
+}
+
+NbdsExport *nbds_server_find_export(NbdsServer *s, const char *name)
+{
+    if (name[0] == '\0') {
+        return s->exports->len ? g_ptr_array_index(s->exports, 0) : NULL;
+    }
+    for (guint i = 0; i < s->exports->len; i++) {
+        NbdsExport *exp = g_ptr_array_index(s->exports, i);
+        if (strcmp(exp->name, name) == 0) {
+            return exp;
+        }
+    }
+    return NULL;
+}
+
+NbdsExport *nbds_server_add_export(NbdsServer *s, const char *path, GError **error)
+{
+    g_autofree char *name = g_path_get_basename(path);
+    NbdsExport *exp;
+    NbdsImage *img;
+
+    if (nbds_server_find_export(s, name) && name[0]) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_EXISTS,
+                    "%s: another image is already exported as '%s'", path, name);
+        return NULL;
+    }
+    img = nbds_image_open(path, s->config.read_only, error);
+    if (!img) {
+        return NULL;
+    }
+    exp = g_new0(NbdsExport, 1);
+    exp->name = g_steal_pointer(&name);
+    exp->image = img;
+    exp->read_only = s->config.read_only;
+    exp->contexts = g_ptr_array_new_with_free_func((GDestroyNotify)nbds_meta_context_free);
+    nbds_meta_add_base_allocation(exp);
+    g_ptr_array_add(s->exports, exp);
+    return exp;
+}
+
+const char *nbds_export_name(const NbdsExport *exp) { return exp->name; }
+uint64_t nbds_export_size(const NbdsExport *exp) { return nbds_image_size(exp->image); }
+
+uint16_t nbds_export_flags(const NbdsExport *exp)
+{
+    /*
+     * One descriptor and one page cache serve every connection and FLUSH is
+     * fdatasync on it, so a flush on any connection covers writes on all:
+     * multi-conn is safe.
+     */
+    uint16_t flags = NBDS_FLAG_HAS_FLAGS | NBDS_FLAG_SEND_FLUSH | NBDS_FLAG_SEND_FUA |
+                     NBDS_FLAG_SEND_CACHE | NBDS_FLAG_CAN_MULTI_CONN;
+
+    if (exp->read_only) {
+        flags |= NBDS_FLAG_READ_ONLY;
+    } else {
+        flags |= NBDS_FLAG_SEND_TRIM | NBDS_FLAG_SEND_WRITE_ZEROES | NBDS_FLAG_SEND_FAST_ZERO;
+    }
+    return flags;
+}
+
+/* ---- listening sockets ---- */
+
+bool nbds_server_listen_fd(NbdsServer *s, int fd, GError **error)
+{
+    int listening = 0;
+    socklen_t len = sizeof(listening);
+
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) < 0 || !listening) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                    "file descriptor %d is not a listening socket", fd);
+        return false;
+    }
+    g_array_append_val(s->listen_fds, fd);
+    return true;
+}
+
+bool nbds_server_listen_unix(NbdsServer *s, const char *path, GError **error)
+{
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    struct stat st;
+    int fd;
+
+    if (strlen(path) >= sizeof(sun.sun_path)) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_FILENAME_TOO_LONG,
+                    "%s: socket path is too long", path);
+        return false;
+    }
+    strcpy(sun.sun_path, path);
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
+            g_set_error(error, G_IO_ERROR, G_IO_ERROR_EXISTS,
+                        "%s: exists and is not a socket", path);
+            return false;
+        }
+        /* A socket nobody answers on is left over from a dead server. */
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd >= 0 && connect(fd, (struct sockaddr *)&sun, sizeof(sun)) == 0) {
+            close(fd);
+            g_set_error(error, G_IO_ERROR, G_IO_ERROR_ADDRESS_IN_USE,
+                        "%s: a server is already listening there", path);
+            return false;
+        }
+        if (fd >= 0) {
+            close(fd);
+        }
+        unlink(path);
+    }
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0 ||
+        listen(fd, SOMAXCONN) < 0) {
+        int err = errno;
+        if (fd >= 0) {
+            close(fd);
+        }
+        g_set_error(error, G_IO_ERROR, g_io_error_from_errno(err), "%s: %s", path,
+                    g_strerror(err));
+        return false;
+    }
+    g_array_append_val(s->listen_fds, fd);
+    return true;
+}
+
+bool nbds_server_listen_tcp(NbdsServer *s, const char *address, const char *port,
+                            GError **error)
+{
+    struct addrinfo hints = {
+        .ai_family = AF_UNSPEC,
+        .ai_socktype = SOCK_STREAM,
+        .ai_flags = AI_PASSIVE | AI_ADDRCONFIG,
+    };
+    struct addrinfo *res = NULL;
+    int r = getaddrinfo(address, port, &hints, &res);
+    int last_err = 0;
+    guint before = s->listen_fds->len;
+
+    if (r != 0) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT, "%s:%s: %s",
+                    address ? address : "*", port, gai_strerror(r));
+        return false;
+    }
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        int one = 1;
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        if (fd < 0) {
+            last_err = errno;
+            continue;
+        }
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (ai->ai_family == AF_INET6) {
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+        }
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, SOMAXCONN) < 0) {
+            last_err = errno;
+            close(fd);
+            continue;
+        }
+        g_array_append_val(s->listen_fds, fd);
+    }
+    freeaddrinfo(res);
+    if (s->listen_fds->len == before) {
+        g_set_error(error, G_IO_ERROR, g_io_error_from_errno(last_err), "%s:%s: %s",
+                    address ? address : "*", port, g_strerror(last_err));
+        return false;
+    }
+    return true;
+}
+
+/* ---- connections ---- */
+
+static gpointer conn_thread(gpointer data)
+{
+    NbdsConn *c = data;
+    NbdsServer *s = c->server;
+
+    if (nbds_handshake(c) && !c->refuse) {
+        c->deadline = 0;
+        g_debug("%s: serving export '%s'", c->peer, c->export->name);
+        nbds_transmission(c);
+    }
+    g_debug("%s: connection closed", c->peer);
+
+    g_mutex_lock(&s->lock);
+    if (c->refuse) {
+        s->n_refusing--;
+    } else {
+        s->conns = g_list_remove(s->conns, c);
+        s->n_conns--;
+    }
+    g_cond_broadcast(&s->cond);
+    g_mutex_unlock(&s->lock);
+    nbds_conn_free(c);
+    return NULL;
+}
+
+void nbds_server_serve_fd(NbdsServer *s, int fd)
+{
+    NbdsConn *c;
+    GThread *t;
+    bool refuse = false;
+    int one = 1;
+    g_autoptr(GError) error = NULL;
+
+    /* Harmless on unix sockets (it fails), essential on TCP. */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+
+    g_mutex_lock(&s->lock);
+    if (!s->workers) {
+        /* Threads start with the first client, so a server may fork before that. */
+        s->workers = g_thread_pool_new(nbds_work_run, s, s->config.threads, FALSE, NULL);
+    }
+    if (s->config.max_connections && s->n_conns >= s->config.max_connections) {
+        if (s->n_refusing >= MAX_REFUSING) {
+            g_mutex_unlock(&s->lock);
+            g_message("connection limit (%u) reached, closing a new client at once",
+                      s->config.max_connections);
+            close(fd);
+            return;
+        }
+        refuse = true;
+    }
+    c = nbds_conn_new(s, fd);
+    c->refuse = refuse;
+    if (s->config.handshake_limit) {
+        c->deadline = g_get_monotonic_time() + s->config.handshake_limit * G_USEC_PER_SEC;
+    } else if (refuse) {
+        c->deadline = g_get_monotonic_time() + G_USEC_PER_SEC;
+    }
+    if (refuse) {
+        s->n_refusing++;
+        g_message("%s: connection limit (%u) reached, refusing the client", c->peer,
+                  s->config.max_connections);
+    } else {
+        s->conns = g_list_prepend(s->conns, c);
+        s->n_conns++;
+    }
+    g_mutex_unlock(&s->lock);
+
+    t = g_thread_try_new("nbds-conn", conn_thread, c, &error);
+    if (!t) {
+        g_warning("%s: cannot start a thread: %s", c->peer, error->message);
+        g_mutex_lock(&s->lock);
+        if (refuse) {
+            s->n_refusing--;
+        } else {
+            s->conns = g_list_remove(s->conns, c);
+            s->n_conns--;
+        }
+        g_mutex_unlock(&s->lock);
+        nbds_conn_free(c);
+        return;
+    }
+    g_thread_unref(t);
+}
+
+void nbds_server_run(NbdsServer *s, int stop_fd)
+{
+    guint n = s->listen_fds->len;
+    g_autofree struct pollfd *pfd = g_new0(struct pollfd, n + 1);
+
+    for (guint i = 0; i < n; i++) {
+        pfd[i].fd = g_array_index(s->listen_fds, int, i);
+        pfd[i].events = POLLIN;
+    }
+    pfd[n].fd = stop_fd;
+    pfd[n].events = POLLIN;
+
+    for (;;) {
+        if (poll(pfd, n + 1, -1) < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            g_warning("poll: %s", g_strerror(errno));
+            return;
+        }
+        if (pfd[n].revents) {
+            return;
+        }
+        for (guint i = 0; i < n; i++) {
+            int fd;
+            if (!(pfd[i].revents & POLLIN)) {
+                continue;
+            }
+            fd = accept4(pfd[i].fd, NULL, NULL, SOCK_CLOEXEC);
+            if (fd < 0) {
+                if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED) {
+                    g_warning("accept: %s", g_strerror(errno));
+                    /* Out of descriptors: do not spin on the same error. */
+                    g_usleep(100 * 1000);
+                }
+                continue;
+            }
+            nbds_server_serve_fd(s, fd);
+        }
+    }
+}
+
+/* Cut every connection's socket in direction HOW (wakes blocked readers/writers). */
+static void shutdown_all(NbdsServer *s, int how)
+{
+    for (GList *l = s->conns; l; l = l->next) {
+        NbdsConn *c = l->data;
+        shutdown(c->fd, how);
+    }
+}
+
+bool nbds_server_shutdown(NbdsServer *s)
+{
+    gint64 deadline = g_get_monotonic_time() + SHUTDOWN_GRACE_US;
+    bool ok = true;
+
+    if (g_atomic_int_get(&s->shutting_down) == 2) {
+        return true;
+    }
+    g_atomic_int_set(&s->shutting_down, 1);
+    for (guint i = 0; i < s->listen_fds->len; i++) {
+        close(g_array_index(s->listen_fds, int, i));
+    }
+    g_array_set_size(s->listen_fds, 0);
+
+    /* Stop reading requests; requests in flight still get their replies. */
+    g_mutex_lock(&s->lock);
+    shutdown_all(s, SHUT_RD);
+    while (s->n_conns > 0 || s->n_refusing > 0) {
+        if (!g_cond_wait_until(&s->cond, &s->lock, deadline)) {
+            g_message("%u clients did not finish in time, cutting them off", s->n_conns);
+            shutdown_all(s, SHUT_RDWR);
+            deadline = G_MAXINT64;
+        }
+    }
+    g_mutex_unlock(&s->lock);
+    if (s->workers) {
+        g_thread_pool_free(s->workers, FALSE, TRUE);
+        s->workers = NULL;
+    }
+
+    for (guint i = 0; i < s->exports->len; i++) {
+        NbdsExport *exp = g_ptr_array_index(s->exports, i);
+        int err = exp->read_only ? 0 : nbds_image_flush(exp->image);
+        if (err) {
+            g_warning("%s: flush: %s", nbds_image_path(exp->image), g_strerror(err));
+            ok = false;
+        }
+    }
+    g_atomic_int_set(&s->shutting_down, 2);
+    return ok;
+}

@@ -1,0 +1,64 @@
+/*
+ * nbdfs's NBD server library: the public interface used by `nbdfs serve` and
+ * by `nbdfs mount` (which serves a local image in-process over socketpairs).
+ *
+ * Public names use the nbds_ prefix: libnbd owns nbd_ and is linked into the
+ * same binary.
+ */
+#ifndef NBDS_SERVER_H
+#define NBDS_SERVER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <glib.h>
+
+typedef struct NbdsServer NbdsServer;
+typedef struct NbdsExport NbdsExport;
+
+typedef struct {
+    bool read_only;                /* every export read-only */
+    unsigned max_connections;      /* past it new clients are refused politely; 0 = no cap */
+    unsigned handshake_limit;      /* seconds a client may take to negotiate; 0 = none */
+    unsigned threads;              /* worker threads; 0 = a default */
+} NbdsServerConfig;
+
+#define NBDS_DEFAULT_MAX_CONNECTIONS 128
+#define NBDS_DEFAULT_HANDSHAKE_LIMIT 10
+
+NbdsServer *nbds_server_new(const NbdsServerConfig *config);
+
+/*
+ * Serve the raw image at PATH under its base name; the first export added is
+ * also the default export "".  The image is opened and locked now, so a
+ * missing or busy image is reported before any client connects.
+ */
+NbdsExport *nbds_server_add_export(NbdsServer *server, const char *path, GError **error);
+
+/* Listening sockets: a unix socket, TCP, or an already listening fd (socket activation). */
+bool nbds_server_listen_unix(NbdsServer *server, const char *path, GError **error);
+bool nbds_server_listen_tcp(NbdsServer *server, const char *address, const char *port,
+                            GError **error);
+bool nbds_server_listen_fd(NbdsServer *server, int fd, GError **error);
+
+/*
+ * Accept clients on the listening sockets until STOP_FD becomes readable (a
+ * signalfd, a pipe or an eventfd), then stop accepting.
+ */
+void nbds_server_run(NbdsServer *server, int stop_fd);
+
+/* Serve one already connected client (takes ownership of FD): in-process use. */
+void nbds_server_serve_fd(NbdsServer *server, int fd);
+
+/*
+ * Stop: close listeners, end every connection once its requests in flight are
+ * answered, flush every export.  Returns false if a flush failed.
+ */
+bool nbds_server_shutdown(NbdsServer *server);
+void nbds_server_free(NbdsServer *server);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NbdsServer, nbds_server_free)
+
+/* Export accessors. */
+const char *nbds_export_name(const NbdsExport *exp);
+uint64_t nbds_export_size(const NbdsExport *exp);
+
+#endif /* NBDS_SERVER_H */
