@@ -1,0 +1,140 @@
+"""Shared helpers for nbdfs's Python tests: real servers, bounded waits, cleanup.
+
+Every wait here has a timeout; every process started is stopped by the
+test's cleanup (addCleanup), so a failing test leaves nothing running.
+"""
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import unittest
+
+NBDFS = os.environ.get("NBDFS") or shutil.which("nbdfs") or "nbdfs"
+DEFAULT_TIMEOUT = 30
+
+
+def run(cmd, timeout=DEFAULT_TIMEOUT, check=True, input=None, env=None):
+    """Run CMD (a list), return CompletedProcess with text stdout/stderr."""
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       input=input, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError("command failed (%d): %s\nstdout:\n%s\nstderr:\n%s"
+                             % (p.returncode, " ".join(map(str, cmd)), p.stdout, p.stderr))
+    return p
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    """Poll PREDICATE until true; fail after TIMEOUT seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
+
+
+def unix_socket_ready(path):
+    if not os.path.exists(path):
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def make_image(path, size, data=()):
+    """A sparse raw image of SIZE bytes; DATA is [(offset, bytes)] written in."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, buf in data:
+            f.seek(off)
+            f.write(buf)
+    return path
+
+
+class Process:
+    """A background server process, stopped with SIGTERM (then SIGKILL)."""
+
+    def __init__(self, argv, stderr_path):
+        self.argv = argv
+        self.stderr_path = stderr_path
+        self.stderr_file = open(stderr_path, "w")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr_file)
+
+    def stderr(self):
+        with open(self.stderr_path) as f:
+            return f.read()
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        """Stop the process; returns its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        self.stderr_file.close()
+        return self.proc.returncode
+
+
+class Server(Process):
+    """A server listening on a unix socket: 'nbdfs serve' or 'qemu-nbd'."""
+
+    def __init__(self, argv, sock, stderr_path, timeout=10):
+        super().__init__(argv, stderr_path)
+        self.sock = sock
+        try:
+            wait_for(lambda: unix_socket_ready(sock) or not self.alive(), timeout,
+                     "server socket %s" % sock)
+        except AssertionError:
+            self.stop(signal.SIGKILL)
+            raise
+        if not self.alive():
+            raise AssertionError("server exited: %s\n%s" % (" ".join(argv), self.stderr()))
+
+    def uri(self, export=""):
+        return "nbd+unix:///%s?socket=%s" % (export, self.sock)
+
+
+class TestCase(unittest.TestCase):
+    """unittest.TestCase with a temporary directory and server starters."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="nbdfs-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def path(self, name):
+        return os.path.join(self.tmp, name)
+
+    def start_nbdfs(self, images, *args, name="nbdfs"):
+        """'nbdfs serve' on a unix socket in the test's directory."""
+        sock = self.path(name + ".sock")
+        srv = Server([NBDFS, "serve", "-U", sock, *args, *images], sock,
+                     self.path(name + ".err"))
+        self.addCleanup(srv.stop)
+        return srv
+
+    def start_qemu_nbd(self, image, *args, fmt="raw", name="qemu-nbd"):
+        """qemu-nbd 10 serving IMAGE on a unix socket (several clients allowed)."""
+        sock = self.path(name + ".sock")
+        srv = Server(["qemu-nbd", "-f", fmt, "-k", sock, "-e", "16", "--persistent",
+                      *args, image], sock, self.path(name + ".err"))
+        self.addCleanup(srv.stop)
+        return srv
+
+
+def main():
+    unittest.main(verbosity=2)
