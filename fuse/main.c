@@ -12,6 +12,7 @@ static const struct {
     const char *summary;
 } subcommands[] = {
     { "serve", nbdfs_cmd_serve, "serve raw images over NBD" },
+    { "bitmap", nbdfs_cmd_bitmap, "manage the dirty bitmaps of a raw image" },
 };
 
 void nbdfs_error(const char *subcommand, const char *fmt, ...)
@@ -42,6 +43,31 @@ gboolean nbdfs_parse_options(const char *subcommand, const char *params, const c
     return TRUE;
 }
 
+/* Log lines read "nbdfs serve: warning: ...", like the command's own errors. */
+static void log_handler(const char *domain, GLogLevelFlags level, const char *message,
+                        gpointer data)
+{
+    static int debug = -1;
+    const char *prefix = "";
+
+    (void)domain;
+    (void)data;
+    if (level & G_LOG_LEVEL_DEBUG) {
+        if (debug < 0) {
+            debug = g_getenv("G_MESSAGES_DEBUG") != NULL;
+        }
+        if (!debug) {
+            return;
+        }
+        prefix = "debug: ";
+    } else if (level & (G_LOG_LEVEL_ERROR | G_LOG_LEVEL_CRITICAL)) {
+        prefix = "error: ";
+    } else if (level & G_LOG_LEVEL_WARNING) {
+        prefix = "warning: ";
+    }
+    fprintf(stderr, "%s: %s%s\n", g_get_prgname() ? g_get_prgname() : "nbdfs", prefix, message);
+}
+
 static void usage(FILE *out)
 {
     fprintf(out,
@@ -62,6 +88,7 @@ static void usage(FILE *out)
 
 int main(int argc, char **argv)
 {
+    g_log_set_default_handler(log_handler, NULL);
     if (argc < 2) {
         usage(stderr);
         return 1;

@@ -6,6 +6,7 @@
 
 /* Each subcommand's entry point: argv[0] is the subcommand's name. */
 int nbdfs_cmd_serve(int argc, char **argv);
+int nbdfs_cmd_bitmap(int argc, char **argv);
 
 /* Print "nbdfs SUBCOMMAND: MESSAGE" on stderr. */
 void nbdfs_error(const char *subcommand, const char *fmt, ...) G_GNUC_PRINTF(2, 3);

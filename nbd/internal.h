@@ -12,6 +12,7 @@
 #include <sys/uio.h>
 #include <glib.h>
 
+#include "bitmap.h"
 #include "extents.h"
 #include "image.h"
 #include "protocol.h"
@@ -42,6 +43,8 @@ struct NbdsMetaContext {
 
 void nbds_meta_context_free(NbdsMetaContext *ctx);
 void nbds_meta_add_base_allocation(NbdsExport *exp);
+/* One qemu:dirty-bitmap:NAME context per bitmap of exp->bitmaps. */
+void nbds_meta_add_bitmaps(NbdsExport *exp);
 
 /* Handle NBD_OPT_LIST_META_CONTEXT / SET_META_CONTEXT; DATA is the whole option. */
 int nbds_meta_handle_option(NbdsConn *c, uint32_t option, const uint8_t *data,
@@ -55,6 +58,7 @@ struct NbdsExport {
     char *name;
     char *description;
     NbdsImage *image;
+    NbdsBitmapSet *bitmaps;        /* dirty bitmaps of the image (may be empty) */
     bool read_only;
     GPtrArray *contexts;           /* NbdsMetaContext *, index = context id */
 };

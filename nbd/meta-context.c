@@ -1,6 +1,7 @@
 /*
  * Metadata contexts: the registry each export offers (base:allocation first,
- * id 0, then one qemu:dirty-bitmap:NAME per bitmap) and the LIST/SET options.
+ * id 0, then one qemu:dirty-bitmap:NAME per bitmap, ids 1..n, bit 0 = dirty
+ * as qemu-nbd serves them) and the LIST/SET options.
  *
  *   [0 .. 3]      export name length n
  *   [4 .. 3+n]    export name
@@ -43,6 +44,26 @@ void nbds_meta_add_base_allocation(NbdsExport *exp)
     ctx->name = g_strdup("base:allocation");
     ctx->extents = base_allocation_extents;
     g_ptr_array_add(exp->contexts, ctx);
+}
+
+static int dirty_bitmap_extents(NbdsExport *exp, const NbdsMetaContext *ctx, NbdsExtents *e)
+{
+    return nbds_bitmap_extents(exp->bitmaps, ctx->opaque, e);
+}
+
+void nbds_meta_add_bitmaps(NbdsExport *exp)
+{
+    for (guint i = 0; i < nbds_bitmaps_count(exp->bitmaps); i++) {
+        NbdsBitmap *bm = nbds_bitmaps_get(exp->bitmaps, i);
+        NbdsBitmapInfo info;
+        NbdsMetaContext *ctx = g_new0(NbdsMetaContext, 1);
+
+        nbds_bitmap_info(exp->bitmaps, bm, &info);
+        ctx->name = g_strconcat("qemu:dirty-bitmap:", info.name, NULL);
+        ctx->extents = dirty_bitmap_extents;
+        ctx->opaque = bm;
+        g_ptr_array_add(exp->contexts, ctx);
+    }
 }
 
 void nbds_meta_clear(NbdsConn *c)

@@ -28,6 +28,8 @@ static void export_free(NbdsExport *exp)
         return;
     }
     g_ptr_array_unref(exp->contexts);
+    /* Not closed cleanly (no shutdown): the in-use flag stays and flags the bitmaps. */
+    nbds_bitmaps_free(exp->bitmaps);
     nbds_image_close(exp->image);
     g_free(exp->name);
     g_free(exp->description);
@@ -81,6 +83,7 @@ NbdsExport *nbds_server_add_export(NbdsServer *s, const char *path, GError **err
     g_autofree char *name = g_path_get_basename(path);
     NbdsExport *exp;
     NbdsImage *img;
+    NbdsBitmapSet *bitmaps;
 
     if (nbds_server_find_export(s, name) && name[0]) {
         g_set_error(error, G_IO_ERROR, G_IO_ERROR_EXISTS,
@@ -91,12 +94,24 @@ NbdsExport *nbds_server_add_export(NbdsServer *s, const char *path, GError **err
     if (!img) {
         return NULL;
     }
+    bitmaps = nbds_bitmaps_load(img, !s->config.read_only, error);
+    if (!bitmaps) {
+        nbds_image_close(img);
+        return NULL;
+    }
+    if (nbds_bitmaps_inconsistent_reason(bitmaps)) {
+        g_warning("%s: dirty bitmaps are inconsistent (%s): they are served as all dirty "
+                  "until cleared with 'nbdfs bitmap clear'", path,
+                  nbds_bitmaps_inconsistent_reason(bitmaps));
+    }
     exp = g_new0(NbdsExport, 1);
     exp->name = g_steal_pointer(&name);
     exp->image = img;
+    exp->bitmaps = bitmaps;
     exp->read_only = s->config.read_only;
     exp->contexts = g_ptr_array_new_with_free_func((GDestroyNotify)nbds_meta_context_free);
     nbds_meta_add_base_allocation(exp);
+    nbds_meta_add_bitmaps(exp);
     g_ptr_array_add(s->exports, exp);
     return exp;
 }
@@ -400,8 +415,16 @@ bool nbds_server_shutdown(NbdsServer *s)
     for (guint i = 0; i < s->exports->len; i++) {
         NbdsExport *exp = g_ptr_array_index(s->exports, i);
         int err = exp->read_only ? 0 : nbds_image_flush(exp->image);
+        g_autoptr(GError) error = NULL;
+
         if (err) {
+            /* The bitmaps keep their in-use flag: next time they are inconsistent. */
             g_warning("%s: flush: %s", nbds_image_path(exp->image), g_strerror(err));
+            ok = false;
+            continue;
+        }
+        if (!exp->read_only && !nbds_bitmaps_close(g_steal_pointer(&exp->bitmaps), &error)) {
+            g_warning("%s", error->message);
             ok = false;
         }
     }

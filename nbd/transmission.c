@@ -269,27 +269,38 @@ void nbds_work_run(gpointer data, gpointer user_data)
     NbdsConn *c = w->conn;
     const NbdsRequest *req = &w->req;
     NbdsImage *img = c->export->image;
+    NbdsBitmapSet *bitmaps = c->export->bitmaps;
     bool fua = req->flags & NBDS_CMD_FLAG_FUA;
     bool ok = true;
 
+    int err;
+
     (void)user_data;
+    /* Mark before writing: no reader of a bitmap may see the data before the mark. */
+    if (is_write_type(req->type)) {
+        nbds_bitmaps_mark(bitmaps, req->offset, w->length);
+    }
     switch (req->type) {
     case NBDS_CMD_READ:
         ok = do_read(c, req);
         break;
     case NBDS_CMD_WRITE:
-        ok = reply_status(c, req, nbds_image_pwrite(img, w->data, w->length, req->offset, fua));
+        err = nbds_image_pwrite(img, w->data, w->length, req->offset, fua);
+        ok = reply_status(c, req, err || !fua ? err : nbds_bitmaps_sync(bitmaps));
         break;
     case NBDS_CMD_FLUSH:
-        ok = reply_status(c, req, nbds_image_flush(img));
+        /* Marks reach the disk no later than the data they describe. */
+        err = nbds_bitmaps_sync(bitmaps);
+        ok = reply_status(c, req, err ? err : nbds_image_flush(img));
         break;
     case NBDS_CMD_TRIM:
-        ok = reply_status(c, req, nbds_image_trim(img, req->offset, w->length, fua));
+        err = nbds_image_trim(img, req->offset, w->length, fua);
+        ok = reply_status(c, req, err || !fua ? err : nbds_bitmaps_sync(bitmaps));
         break;
     case NBDS_CMD_WRITE_ZEROES:
-        ok = reply_status(c, req, nbds_image_zero(img, req->offset, w->length,
-                                                  !(req->flags & NBDS_CMD_FLAG_NO_HOLE),
-                                                  req->flags & NBDS_CMD_FLAG_FAST_ZERO, fua));
+        err = nbds_image_zero(img, req->offset, w->length, !(req->flags & NBDS_CMD_FLAG_NO_HOLE),
+                              req->flags & NBDS_CMD_FLAG_FAST_ZERO, fua);
+        ok = reply_status(c, req, err || !fua ? err : nbds_bitmaps_sync(bitmaps));
         break;
     case NBDS_CMD_CACHE:
         ok = reply_status(c, req, nbds_image_cache(img, req->offset, w->length));

@@ -1,0 +1,647 @@
+/*
+ * Persistent dirty bitmaps: in-memory bits and the sidecar file.  See bitmap.h.
+ *
+ * Sidecar layout (little-endian):
+ *   header, 128 bytes
+ *     [  0..  7] magic "NBDFSBMP"      [  8.. 11] version (1)
+ *     [ 12.. 15] flags: bit 0 in use   [ 16.. 23] image size at last clean close
+ *     [ 24.. 31] image mtime, seconds  [ 32.. 35] image mtime, nanoseconds
+ *     [ 36.. 39] number of bitmaps     [ 40.. 47] body length (bytes after the header)
+ *     [ 48.. 79] SHA-256 of the body   [ 80.. 95] zero
+ *     [ 96..127] SHA-256 of bytes 0..95
+ *   directory: per bitmap 32 bytes, then its name
+ *     [0..1] name length  [2] flags: bit 0 enabled, bit 1 inconsistent  [3] zero
+ *     [4..7] granularity  [8..15] bits  [16..23] data offset  [24..31] data length
+ *   data: per bitmap, 64-bit words, each area 4 KiB-aligned so pages can be
+ *   rewritten in place while the image is served.
+ */
+#include "bitmap.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <gio/gio.h>
+
+#include "protocol.h"
+
+#define MAGIC "NBDFSBMP"
+#define VERSION 1
+#define FLAG_IN_USE 1u
+#define HEADER_SIZE 128
+#define ENTRY_SIZE 32
+#define ENTRY_ENABLED 1u
+#define ENTRY_INCONSISTENT 2u
+#define PAGE 4096u
+#define WORDS_PER_PAGE (PAGE / 8)
+
+struct NbdsBitmap {
+    char *name;
+    uint32_t granularity;
+    bool enabled;
+    bool inconsistent;
+    uint64_t nbits;
+    uint64_t nwords;
+    uint64_t *words;               /* bit i = granule i; atomic access while served */
+    uint8_t *page_dirty;           /* per 4 KiB page of words: changed since last sync */
+    uint64_t data_offset;          /* in the sidecar currently open */
+};
+
+struct NbdsBitmapSet {
+    char *path;                    /* the sidecar */
+    NbdsImage *image;
+    uint64_t size;                 /* the image's size */
+    GPtrArray *bitmaps;            /* NbdsBitmap * */
+    const char *inconsistent_reason;
+    int fd;                        /* the sidecar while served for writing, else -1 */
+    GMutex sync_lock;
+};
+
+static void bitmap_free(NbdsBitmap *bm)
+{
+    if (bm) {
+        g_free(bm->name);
+        g_free(bm->words);
+        g_free(bm->page_dirty);
+        g_free(bm);
+    }
+}
+
+static NbdsBitmap *bitmap_new(const char *name, uint32_t granularity, uint64_t size)
+{
+    NbdsBitmap *bm = g_new0(NbdsBitmap, 1);
+
+    bm->name = g_strdup(name);
+    bm->granularity = granularity;
+    bm->enabled = true;
+    bm->nbits = (size + granularity - 1) / granularity;
+    bm->nwords = (bm->nbits + 63) / 64;
+    bm->words = g_new0(uint64_t, MAX(bm->nwords, 1));
+    bm->page_dirty = g_new0(uint8_t, MAX((bm->nwords + WORDS_PER_PAGE - 1) / WORDS_PER_PAGE, 1));
+    return bm;
+}
+
+char *nbds_bitmap_sidecar_path(const char *image_path)
+{
+    return g_strconcat(image_path, ".bitmaps", NULL);
+}
+
+void nbds_bitmaps_free(NbdsBitmapSet *set)
+{
+    if (!set) {
+        return;
+    }
+    if (set->fd >= 0) {
+        close(set->fd);
+    }
+    g_ptr_array_unref(set->bitmaps);
+    g_mutex_clear(&set->sync_lock);
+    g_free(set->path);
+    g_free(set);
+}
+
+const char *nbds_bitmaps_inconsistent_reason(const NbdsBitmapSet *set)
+{
+    return set->inconsistent_reason;
+}
+
+guint nbds_bitmaps_count(const NbdsBitmapSet *set) { return set->bitmaps->len; }
+NbdsBitmap *nbds_bitmaps_get(NbdsBitmapSet *set, guint i)
+{
+    return g_ptr_array_index(set->bitmaps, i);
+}
+
+NbdsBitmap *nbds_bitmaps_find(NbdsBitmapSet *set, const char *name)
+{
+    for (guint i = 0; i < set->bitmaps->len; i++) {
+        NbdsBitmap *bm = g_ptr_array_index(set->bitmaps, i);
+        if (strcmp(bm->name, name) == 0) {
+            return bm;
+        }
+    }
+    return NULL;
+}
+
+/* ---- bits ---- */
+
+static inline bool bit_get(const NbdsBitmap *bm, uint64_t bit)
+{
+    return __atomic_load_n(&bm->words[bit / 64], __ATOMIC_RELAXED) >> (bit % 64) & 1;
+}
+
+static void set_bits(NbdsBitmap *bm, uint64_t first, uint64_t last)
+{
+    for (uint64_t w = first / 64; w <= last / 64; w++) {
+        uint64_t lo = w == first / 64 ? first % 64 : 0;
+        uint64_t hi = w == last / 64 ? last % 64 : 63;
+        uint64_t mask = (hi == 63 ? ~UINT64_C(0) : (UINT64_C(1) << (hi + 1)) - 1) &
+                        ~((UINT64_C(1) << lo) - 1);
+        /* Skip the atomic write (and the page flag) when already set: cheap re-writes. */
+        if ((__atomic_load_n(&bm->words[w], __ATOMIC_RELAXED) & mask) != mask) {
+            __atomic_fetch_or(&bm->words[w], mask, __ATOMIC_RELAXED);
+            __atomic_store_n(&bm->page_dirty[w / WORDS_PER_PAGE], 1, __ATOMIC_RELEASE);
+        }
+    }
+}
+
+/* First bit >= START whose value is VALUE, or nbits. */
+static uint64_t find_bit(const NbdsBitmap *bm, uint64_t start, bool value)
+{
+    while (start < bm->nbits) {
+        uint64_t w = __atomic_load_n(&bm->words[start / 64], __ATOMIC_RELAXED);
+        if (!value) {
+            w = ~w;
+        }
+        w &= ~UINT64_C(0) << (start % 64);
+        if (w) {
+            return MIN(start / 64 * 64 + __builtin_ctzll(w), bm->nbits);
+        }
+        start = (start / 64 + 1) * 64;
+    }
+    return bm->nbits;
+}
+
+void nbds_bitmaps_mark(NbdsBitmapSet *set, uint64_t offset, uint64_t len)
+{
+    if (!set || len == 0) {
+        return;
+    }
+    for (guint i = 0; i < set->bitmaps->len; i++) {
+        NbdsBitmap *bm = g_ptr_array_index(set->bitmaps, i);
+        if (bm->enabled && !bm->inconsistent && bm->nbits) {
+            uint64_t first = offset / bm->granularity;
+            uint64_t last = MIN((offset + len - 1) / bm->granularity, bm->nbits - 1);
+            set_bits(bm, first, last);
+        }
+    }
+}
+
+int nbds_bitmap_extents(NbdsBitmapSet *set, const NbdsBitmap *bm, NbdsExtents *e)
+{
+    if (bm->inconsistent) {
+        nbds_extents_add(e, e->end - e->next, NBDS_STATE_DIRTY);
+        return 0;
+    }
+    while (!nbds_extents_done(e)) {
+        uint64_t bit = e->next / bm->granularity;
+        bool dirty = bit_get(bm, bit);
+        uint64_t end_bit = find_bit(bm, bit + 1, !dirty);
+        uint64_t run_end = MIN(end_bit * bm->granularity, set->size);
+
+        nbds_extents_add(e, run_end - e->next, dirty ? NBDS_STATE_DIRTY : 0);
+    }
+    return 0;
+}
+
+void nbds_bitmap_info(const NbdsBitmapSet *set, const NbdsBitmap *bm, NbdsBitmapInfo *info)
+{
+    uint64_t dirty = 0;
+
+    info->name = bm->name;
+    info->granularity = bm->granularity;
+    info->enabled = bm->enabled;
+    info->consistent = !bm->inconsistent;
+    if (bm->inconsistent) {
+        info->dirty_bytes = set->size;
+        return;
+    }
+    for (uint64_t w = 0; w < bm->nwords; w++) {
+        dirty += __builtin_popcountll(bm->words[w]);
+    }
+    dirty *= bm->granularity;
+    /* The last granule may run past the end of the image. */
+    if (bm->nbits && bit_get(bm, bm->nbits - 1)) {
+        dirty -= bm->nbits * bm->granularity - set->size;
+    }
+    info->dirty_bytes = dirty;
+}
+
+/* ---- edits ---- */
+
+bool nbds_bitmap_name_valid(const char *name, GError **error)
+{
+    size_t len = strlen(name);
+
+    if (len == 0 || len > NBDS_BITMAP_MAX_NAME) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                    "bitmap name must be 1 to %d bytes long", NBDS_BITMAP_MAX_NAME);
+        return false;
+    }
+    if (!g_utf8_validate(name, len, NULL)) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                    "bitmap name is not valid UTF-8");
+        return false;
+    }
+    /* Names become file names under the mount's dirty/ directory. */
+    for (const char *p = name; *p; p++) {
+        if (*p == '/' || (unsigned char)*p < 0x20 || *p == 0x7f) {
+            g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                        "bitmap name '%s' contains '/' or a control character", name);
+            return false;
+        }
+    }
+    if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                    "bitmap name cannot be '%s'", name);
+        return false;
+    }
+    return true;
+}
+
+bool nbds_bitmaps_add(NbdsBitmapSet *set, const char *name, uint32_t granularity,
+                      GError **error)
+{
+    if (!nbds_bitmap_name_valid(name, error)) {
+        return false;
+    }
+    if (granularity < NBDS_BITMAP_MIN_GRANULARITY || granularity > NBDS_BITMAP_MAX_GRANULARITY ||
+        (granularity & (granularity - 1))) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                    "granularity %u is not a power of two from 512 to 64 MiB", granularity);
+        return false;
+    }
+    if (nbds_bitmaps_find(set, name)) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_EXISTS, "bitmap '%s' already exists", name);
+        return false;
+    }
+    if (set->bitmaps->len >= NBDS_BITMAP_MAX_COUNT) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_NO_SPACE,
+                    "an image can have at most %d bitmaps", NBDS_BITMAP_MAX_COUNT);
+        return false;
+    }
+    g_ptr_array_add(set->bitmaps, bitmap_new(name, granularity, set->size));
+    return true;
+}
+
+void nbds_bitmaps_remove(NbdsBitmapSet *set, NbdsBitmap *bm)
+{
+    g_ptr_array_remove(set->bitmaps, bm);
+}
+
+void nbds_bitmap_clear(NbdsBitmapSet *set, NbdsBitmap *bm)
+{
+    (void)set;
+    memset(bm->words, 0, MAX(bm->nwords, 1) * 8);
+    bm->inconsistent = false;
+}
+
+void nbds_bitmap_set_enabled(NbdsBitmap *bm, bool enabled)
+{
+    bm->enabled = enabled;
+}
+
+/* ---- the sidecar file ---- */
+
+static void put_le16(uint8_t *p, uint16_t v) { v = htole16(v); memcpy(p, &v, 2); }
+static void put_le32(uint8_t *p, uint32_t v) { v = htole32(v); memcpy(p, &v, 4); }
+static void put_le64(uint8_t *p, uint64_t v) { v = htole64(v); memcpy(p, &v, 8); }
+static uint16_t get_le16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return le16toh(v); }
+static uint32_t get_le32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return le32toh(v); }
+static uint64_t get_le64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return le64toh(v); }
+
+static void sha256(const uint8_t *data, size_t len, uint8_t out[32])
+{
+    g_autoptr(GChecksum) sum = g_checksum_new(G_CHECKSUM_SHA256);
+    gsize n = 32;
+
+    g_checksum_update(sum, data, len);
+    g_checksum_get_digest(sum, out, &n);
+}
+
+/* Words of BM from WORD (for COUNT words) as little-endian bytes into OUT. */
+static void words_to_le(const NbdsBitmap *bm, uint64_t word, uint64_t count, uint8_t *out)
+{
+    for (uint64_t i = 0; i < count; i++) {
+        put_le64(out + 8 * i, __atomic_load_n(&bm->words[word + i], __ATOMIC_RELAXED));
+    }
+}
+
+static uint64_t data_len(const NbdsBitmap *bm)
+{
+    return bm->nwords * 8;
+}
+
+/*
+ * Lay out and serialise the whole sidecar; IN_USE sets the flag.  Returns
+ * the file's bytes and stores each bitmap's data offset.
+ */
+static GByteArray *serialise(NbdsBitmapSet *set, bool in_use)
+{
+    uint64_t dir_len = 0, total;
+    struct stat st;
+    uint8_t *buf, *ent;
+
+    for (guint i = 0; i < set->bitmaps->len; i++) {
+        NbdsBitmap *bm = g_ptr_array_index(set->bitmaps, i);
+        dir_len += ENTRY_SIZE + strlen(bm->name);
+    }
+    total = HEADER_SIZE + dir_len;
+    for (guint i = 0; i < set->bitmaps->len; i++) {
+        NbdsBitmap *bm = g_ptr_array_index(set->bitmaps, i);
+        bm->data_offset = (total + PAGE - 1) / PAGE * PAGE;
+        total = bm->data_offset + data_len(bm);
+    }
+    buf = g_malloc0(total);
+
+    ent = buf + HEADER_SIZE;
+    for (guint i = 0; i < set->bitmaps->len; i++) {
+        NbdsBitmap *bm = g_ptr_array_index(set->bitmaps, i);
+        size_t nlen = strlen(bm->name);
+        put_le16(ent, nlen);
+        ent[2] = (bm->enabled ? ENTRY_ENABLED : 0) | (bm->inconsistent ? ENTRY_INCONSISTENT : 0);
+        put_le32(ent + 4, bm->granularity);
+        put_le64(ent + 8, bm->nbits);
+        put_le64(ent + 16, bm->data_offset);
+        put_le64(ent + 24, data_len(bm));
+        memcpy(ent + ENTRY_SIZE, bm->name, nlen);
+        ent += ENTRY_SIZE + nlen;
+        words_to_le(bm, 0, bm->nwords, buf + bm->data_offset);
+    }
+
+    memcpy(buf, MAGIC, 8);
+    put_le32(buf + 8, VERSION);
+    put_le32(buf + 12, in_use ? FLAG_IN_USE : 0);
+    put_le64(buf + 16, set->size);
+    if (fstat(nbds_image_fd(set->image), &st) == 0) {
+        put_le64(buf + 24, st.st_mtim.tv_sec);
+        put_le32(buf + 32, st.st_mtim.tv_nsec);
+    }
+    put_le32(buf + 36, set->bitmaps->len);
+    put_le64(buf + 40, total - HEADER_SIZE);
+    sha256(buf + HEADER_SIZE, total - HEADER_SIZE, buf + 48);
+    sha256(buf, 96, buf + 96);
+    return g_byte_array_new_take(buf, total);
+}
+
+static bool write_all(int fd, const uint8_t *p, size_t len)
+{
+    while (len > 0) {
+        ssize_t r = write(fd, p, len);
+        if (r < 0 && errno == EINTR) {
+            continue;
+        }
+        if (r <= 0) {
+            return false;
+        }
+        p += r;
+        len -= r;
+    }
+    return true;
+}
+
+/*
+ * Replace the sidecar atomically (temporary file, fsync, rename, fsync of the
+ * directory).  With IN_USE the new file stays open for in-place page writes.
+ */
+static bool save(NbdsBitmapSet *set, bool in_use, GError **error)
+{
+    g_autoptr(GByteArray) bytes = NULL;
+    g_autofree char *tmp = g_strconcat(set->path, ".tmp", NULL);
+    g_autofree char *dir = g_path_get_dirname(set->path);
+    int fd, dfd;
+
+    if (set->bitmaps->len == 0 && !in_use) {
+        if (unlink(set->path) < 0 && errno != ENOENT) {
+            g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno), "%s: %s", set->path,
+                        g_strerror(errno));
+            return false;
+        }
+        return true;
+    }
+    bytes = serialise(set, in_use);
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0 || !write_all(fd, bytes->data, bytes->len) || fsync(fd) < 0 ||
+        rename(tmp, set->path) < 0) {
+        int err = errno;
+        if (fd >= 0) {
+            close(fd);
+            unlink(tmp);
+        }
+        g_set_error(error, G_IO_ERROR, g_io_error_from_errno(err), "%s: %s", set->path,
+                    g_strerror(err));
+        return false;
+    }
+    dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+        fsync(dfd);
+        close(dfd);
+    }
+    if (set->fd >= 0) {
+        close(set->fd);
+        set->fd = -1;
+    }
+    if (in_use) {
+        set->fd = fd;
+        for (guint i = 0; i < set->bitmaps->len; i++) {
+            NbdsBitmap *bm = g_ptr_array_index(set->bitmaps, i);
+            memset(bm->page_dirty, 0, MAX((bm->nwords + WORDS_PER_PAGE - 1) / WORDS_PER_PAGE, 1));
+        }
+    } else {
+        close(fd);
+    }
+    return true;
+}
+
+bool nbds_bitmaps_save(NbdsBitmapSet *set, GError **error)
+{
+    return save(set, false, error);
+}
+
+int nbds_bitmaps_sync(NbdsBitmapSet *set)
+{
+    uint8_t page[PAGE];
+    bool wrote = false;
+    int err = 0;
+
+    if (!set || set->fd < 0) {
+        return 0;
+    }
+    g_mutex_lock(&set->sync_lock);
+    for (guint i = 0; i < set->bitmaps->len && !err; i++) {
+        NbdsBitmap *bm = g_ptr_array_index(set->bitmaps, i);
+        uint64_t npages = (bm->nwords + WORDS_PER_PAGE - 1) / WORDS_PER_PAGE;
+        for (uint64_t p = 0; p < npages; p++) {
+            uint64_t first = p * WORDS_PER_PAGE;
+            uint64_t count = MIN(WORDS_PER_PAGE, bm->nwords - first);
+            /* Clear the flag first: a mark landing meanwhile sets it again. */
+            if (!__atomic_exchange_n(&bm->page_dirty[p], 0, __ATOMIC_ACQ_REL)) {
+                continue;
+            }
+            words_to_le(bm, first, count, page);
+            if (pwrite(set->fd, page, count * 8, bm->data_offset + first * 8) != (ssize_t)(count * 8)) {
+                err = errno ? errno : EIO;
+                __atomic_store_n(&bm->page_dirty[p], 1, __ATOMIC_RELEASE);
+                break;
+            }
+            wrote = true;
+        }
+    }
+    if (!err && wrote && fdatasync(set->fd) < 0) {
+        err = errno;
+    }
+    g_mutex_unlock(&set->sync_lock);
+    return err;
+}
+
+bool nbds_bitmaps_close(NbdsBitmapSet *set, GError **error)
+{
+    bool ok = save(set, false, error);
+    nbds_bitmaps_free(set);
+    return ok;
+}
+
+/* ---- loading ---- */
+
+static bool corrupt(GError **error, const char *path, const char *what)
+{
+    g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA,
+                "%s: %s; the bitmaps cannot be trusted (move the file away to drop them)",
+                path, what);
+    return false;
+}
+
+static bool parse(NbdsBitmapSet *set, const uint8_t *buf, size_t len, GError **error)
+{
+    uint8_t digest[32];
+    uint32_t flags, count;
+    uint64_t body_len, recorded_size, pos = HEADER_SIZE;
+    int64_t mtime_sec;
+    uint32_t mtime_nsec;
+    struct stat st;
+
+    if (len < HEADER_SIZE || memcmp(buf, MAGIC, 8) != 0) {
+        return corrupt(error, set->path, "not an nbdfs bitmap file");
+    }
+    if (get_le32(buf + 8) != VERSION) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_NOT_SUPPORTED,
+                    "%s: bitmap file version %u; this nbdfs reads version %d", set->path,
+                    get_le32(buf + 8), VERSION);
+        return false;
+    }
+    sha256(buf, 96, digest);
+    if (memcmp(digest, buf + 96, 32) != 0) {
+        return corrupt(error, set->path, "header checksum mismatch");
+    }
+    flags = get_le32(buf + 12);
+    recorded_size = get_le64(buf + 16);
+    mtime_sec = (int64_t)get_le64(buf + 24);
+    mtime_nsec = get_le32(buf + 32);
+    count = get_le32(buf + 36);
+    body_len = get_le64(buf + 40);
+    if (body_len != len - HEADER_SIZE) {
+        return corrupt(error, set->path, "truncated or extended file");
+    }
+    if (!(flags & FLAG_IN_USE)) {
+        /* In use, pages were being rewritten in place: the body sum is stale by design. */
+        sha256(buf + HEADER_SIZE, body_len, digest);
+        if (memcmp(digest, buf + 48, 32) != 0) {
+            return corrupt(error, set->path, "checksum mismatch");
+        }
+    }
+    if (count > NBDS_BITMAP_MAX_COUNT) {
+        return corrupt(error, set->path, "too many bitmaps");
+    }
+
+    for (uint32_t i = 0; i < count; i++) {
+        uint16_t nlen;
+        uint32_t gran;
+        uint64_t nbits, off, dlen;
+        g_autofree char *name = NULL;
+        NbdsBitmap *bm;
+
+        if (len - pos < ENTRY_SIZE) {
+            return corrupt(error, set->path, "directory overruns the file");
+        }
+        nlen = get_le16(buf + pos);
+        gran = get_le32(buf + pos + 4);
+        nbits = get_le64(buf + pos + 8);
+        off = get_le64(buf + pos + 16);
+        dlen = get_le64(buf + pos + 24);
+        if (len - pos - ENTRY_SIZE < nlen) {
+            return corrupt(error, set->path, "directory overruns the file");
+        }
+        name = g_strndup((const char *)buf + pos + ENTRY_SIZE, nlen);
+        if (strlen(name) != nlen || !nbds_bitmap_name_valid(name, NULL) ||
+            gran < NBDS_BITMAP_MIN_GRANULARITY || gran > NBDS_BITMAP_MAX_GRANULARITY ||
+            (gran & (gran - 1)) || nbits != (recorded_size + gran - 1) / gran ||
+            dlen != (nbits + 63) / 64 * 8 || off < HEADER_SIZE || off > len || dlen > len - off ||
+            nbds_bitmaps_find(set, name)) {
+            return corrupt(error, set->path, "invalid bitmap entry");
+        }
+        bm = bitmap_new(name, gran, recorded_size);
+        bm->enabled = buf[pos + 2] & ENTRY_ENABLED;
+        bm->inconsistent = buf[pos + 2] & ENTRY_INCONSISTENT;
+        for (uint64_t w = 0; w < bm->nwords; w++) {
+            bm->words[w] = get_le64(buf + off + 8 * w);
+        }
+        if (bm->nbits % 64) {
+            bm->words[bm->nwords - 1] &= (UINT64_C(1) << (bm->nbits % 64)) - 1;
+        }
+        g_ptr_array_add(set->bitmaps, bm);
+        pos += ENTRY_SIZE + nlen;
+    }
+
+    /* Was the image written without us knowing? */
+    if (fstat(nbds_image_fd(set->image), &st) < 0) {
+        g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno), "%s: %s",
+                    nbds_image_path(set->image), g_strerror(errno));
+        return false;
+    }
+    if (flags & FLAG_IN_USE) {
+        set->inconsistent_reason = "the server writing the image did not shut down cleanly";
+    } else if (recorded_size != set->size) {
+        set->inconsistent_reason = "the image's size changed while it was not served";
+    } else if (st.st_mtim.tv_sec != mtime_sec || st.st_mtim.tv_nsec != mtime_nsec) {
+        set->inconsistent_reason = "the image was modified while it was not served";
+    }
+    if (set->inconsistent_reason) {
+        for (guint i = 0; i < set->bitmaps->len; i++) {
+            NbdsBitmap *bm = g_ptr_array_index(set->bitmaps, i);
+            if (recorded_size != set->size) {
+                /* Re-size to the image: every bit counts as dirty anyway. */
+                NbdsBitmap *fresh = bitmap_new(bm->name, bm->granularity, set->size);
+                fresh->enabled = bm->enabled;
+                g_ptr_array_index(set->bitmaps, i) = fresh;
+                bitmap_free(bm);
+                bm = fresh;
+            }
+            bm->inconsistent = true;
+        }
+    }
+    return true;
+}
+
+NbdsBitmapSet *nbds_bitmaps_load(NbdsImage *img, bool for_writing, GError **error)
+{
+    g_autoptr(NbdsBitmapSet) set = g_new0(NbdsBitmapSet, 1);
+    g_autofree char *contents = NULL;
+    gsize len;
+    g_autoptr(GError) local = NULL;
+
+    set->path = nbds_bitmap_sidecar_path(nbds_image_path(img));
+    set->image = img;
+    set->size = nbds_image_size(img);
+    set->fd = -1;
+    set->bitmaps = g_ptr_array_new_with_free_func((GDestroyNotify)bitmap_free);
+    g_mutex_init(&set->sync_lock);
+
+    if (!g_file_get_contents(set->path, &contents, &len, &local)) {
+        if (!g_error_matches(local, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
+            g_propagate_error(error, g_steal_pointer(&local));
+            return NULL;
+        }
+        return g_steal_pointer(&set);
+    }
+    if (!parse(set, (const uint8_t *)contents, len, error)) {
+        return NULL;
+    }
+    /* Before the first write: a crash from now on must leave the flag behind. */
+    if (for_writing && set->bitmaps->len && !save(set, true, error)) {
+        return NULL;
+    }
+    return g_steal_pointer(&set);
+}

@@ -1,0 +1,85 @@
+/*
+ * Persistent dirty bitmaps of a raw image, kept in a sidecar file beside it
+ * (IMAGE.bitmaps) and served as qemu:dirty-bitmap:NAME.
+ *
+ * Crash semantics: a server writing the image sets the sidecar's in-use flag
+ * (durably) before its first write and clears it on clean close, recording
+ * the image's size and mtime.  Finding the flag set, or the image's size or
+ * mtime changed, makes every bitmap inconsistent: served as all dirty until
+ * cleared.  Marks are set in memory before each write runs and reach the
+ * sidecar no later than the FLUSH or FUA write that makes the data durable.
+ */
+#ifndef NBDS_BITMAP_H
+#define NBDS_BITMAP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <glib.h>
+
+#include "extents.h"
+#include "image.h"
+
+#define NBDS_BITMAP_MIN_GRANULARITY 512u
+#define NBDS_BITMAP_MAX_GRANULARITY (64u << 20)
+#define NBDS_BITMAP_DEFAULT_GRANULARITY (64u << 10)
+#define NBDS_BITMAP_MAX_NAME 1023
+#define NBDS_BITMAP_MAX_COUNT 64
+
+typedef struct NbdsBitmap NbdsBitmap;
+typedef struct NbdsBitmapSet NbdsBitmapSet;
+
+/* Why the set was found inconsistent (for messages), or NULL. */
+typedef struct {
+    const char *name;
+    uint32_t granularity;
+    bool enabled;
+    bool consistent;
+    uint64_t dirty_bytes;          /* the image size when inconsistent */
+} NbdsBitmapInfo;
+
+/* The sidecar's path for IMAGE_PATH (caller frees). */
+char *nbds_bitmap_sidecar_path(const char *image_path);
+
+/*
+ * Load the bitmaps of IMG (opened and locked by the caller).  A missing
+ * sidecar is an empty set.  A corrupt or foreign sidecar is an error naming
+ * it.  FOR_WRITING (a server that writes the image) marks the sidecar in use
+ * on disk before returning; otherwise nothing is written.
+ */
+NbdsBitmapSet *nbds_bitmaps_load(NbdsImage *img, bool for_writing, GError **error);
+
+/*
+ * Clean close of a set loaded FOR_WRITING: persist every bit, record the
+ * image's size and mtime (after the caller's final image flush), clear the
+ * in-use flag.  Frees the set.
+ */
+bool nbds_bitmaps_close(NbdsBitmapSet *set, GError **error);
+void nbds_bitmaps_free(NbdsBitmapSet *set);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NbdsBitmapSet, nbds_bitmaps_free)
+
+/* Why loading found the bitmaps inconsistent ("unclean shutdown", ...), or NULL. */
+const char *nbds_bitmaps_inconsistent_reason(const NbdsBitmapSet *set);
+
+guint nbds_bitmaps_count(const NbdsBitmapSet *set);
+NbdsBitmap *nbds_bitmaps_get(NbdsBitmapSet *set, guint i);
+NbdsBitmap *nbds_bitmaps_find(NbdsBitmapSet *set, const char *name);
+void nbds_bitmap_info(const NbdsBitmapSet *set, const NbdsBitmap *bm, NbdsBitmapInfo *info);
+
+/* Data path: mark [OFFSET, OFFSET+LEN) dirty in every enabled bitmap.  Lock-free. */
+void nbds_bitmaps_mark(NbdsBitmapSet *set, uint64_t offset, uint64_t len);
+/* Write changed marks to the sidecar and sync it; 0 or an errno. */
+int nbds_bitmaps_sync(NbdsBitmapSet *set);
+/* Dirty status (bit 0) of BM over e's range, merged and granularity-aligned. */
+int nbds_bitmap_extents(NbdsBitmapSet *set, const NbdsBitmap *bm, NbdsExtents *e);
+
+/* Edits (the bitmap command; the image must not be served).  Saved by nbds_bitmaps_save. */
+bool nbds_bitmap_name_valid(const char *name, GError **error);
+bool nbds_bitmaps_add(NbdsBitmapSet *set, const char *name, uint32_t granularity,
+                      GError **error);
+void nbds_bitmaps_remove(NbdsBitmapSet *set, NbdsBitmap *bm);
+void nbds_bitmap_clear(NbdsBitmapSet *set, NbdsBitmap *bm);
+void nbds_bitmap_set_enabled(NbdsBitmap *bm, bool enabled);
+/* Rewrite the sidecar atomically (or remove it when no bitmap is left). */
+bool nbds_bitmaps_save(NbdsBitmapSet *set, GError **error);
+
+#endif /* NBDS_BITMAP_H */
