@@ -27,6 +27,14 @@ struct NbdsImage {
     gint can_punch;
     gint can_zero_range;
     gint can_dsync;
+    /*
+     * The last data run SEEK_HOLE found.  On tmpfs SEEK_HOLE scans page by
+     * page to the end of the run, so without this every READ of a fully
+     * allocated image would cost a scan to the end of the file.  Writes only
+     * add data; trims and zeroes may punch holes and drop the cache.
+     */
+    GMutex run_lock;
+    uint64_t data_start, data_end;
 };
 
 NbdsImage *nbds_image_open(const char *path, bool read_only, GError **error)
@@ -37,6 +45,7 @@ NbdsImage *nbds_image_open(const char *path, bool read_only, GError **error)
     img->path = g_strdup(path);
     img->read_only = read_only;
     img->can_seek_data = img->can_punch = img->can_zero_range = img->can_dsync = 1;
+    g_mutex_init(&img->run_lock);
     img->fd = open(path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOCTTY);
     if (img->fd < 0) {
         int err = errno;
@@ -86,8 +95,16 @@ void nbds_image_close(NbdsImage *img)
     if (img->fd >= 0) {
         close(img->fd);    /* also drops the lock */
     }
+    g_mutex_clear(&img->run_lock);
     g_free(img->path);
     g_free(img);
+}
+
+static void forget_data_run(NbdsImage *img)
+{
+    g_mutex_lock(&img->run_lock);
+    img->data_start = img->data_end = 0;
+    g_mutex_unlock(&img->run_lock);
 }
 
 const char *nbds_image_path(const NbdsImage *img) { return img->path; }
@@ -183,6 +200,11 @@ int nbds_image_trim(NbdsImage *img, uint64_t offset, uint64_t len, bool fua)
 {
     int err = 0;
 
+    forget_data_run(img);
+    if (len == 0) {
+        /* Nothing to discard (fallocate would fail with EINVAL); as qemu-nbd. */
+        return fua ? nbds_image_flush(img) : 0;
+    }
     if (img->is_block_device) {
         uint64_t range[2] = { offset, len };
         err = ioctl(img->fd, BLKDISCARD, range) < 0 ? errno : 0;
@@ -256,7 +278,8 @@ static int zero_range(NbdsImage *img, uint64_t offset, uint64_t len, bool may_tr
 int nbds_image_zero(NbdsImage *img, uint64_t offset, uint64_t len, bool may_trim,
                     bool fast, bool fua)
 {
-    int err = zero_range(img, offset, len, may_trim, fast);
+    /* A zero-length request succeeds, as with qemu-nbd (fallocate would say EINVAL). */
+    int err = len ? zero_range(img, offset, len, may_trim, fast) : 0;
 
     if (!err && fua) {
         err = nbds_image_flush(img);
@@ -266,6 +289,9 @@ int nbds_image_zero(NbdsImage *img, uint64_t offset, uint64_t len, bool may_trim
 
 int nbds_image_cache(NbdsImage *img, uint64_t offset, uint64_t len)
 {
+    if (len == 0) {
+        return 0;      /* for posix_fadvise, 0 would mean "to the end of the file" */
+    }
     return posix_fadvise(img->fd, offset, len, POSIX_FADV_WILLNEED);
 }
 
@@ -278,6 +304,15 @@ int nbds_image_next_run(NbdsImage *img, uint64_t offset, uint64_t end, bool *is_
     if (!g_atomic_int_get(&img->can_seek_data)) {
         goto all_data;
     }
+    g_mutex_lock(&img->run_lock);
+    if (offset >= img->data_start && offset < img->data_end) {
+        *is_hole = false;
+        *run_end = MIN(img->data_end, end);
+        g_mutex_unlock(&img->run_lock);
+        return 0;
+    }
+    g_mutex_unlock(&img->run_lock);
+
     data = lseek(img->fd, offset, SEEK_DATA);
     if (data < 0) {
         if (errno == ENXIO) {
@@ -308,7 +343,15 @@ int nbds_image_next_run(NbdsImage *img, uint64_t offset, uint64_t end, bool *is_
     }
     *is_hole = false;
     /* A concurrent punch can make SEEK_HOLE answer OFFSET itself: never stall. */
-    *run_end = (uint64_t)hole > offset ? MIN((uint64_t)hole, end) : MIN(offset + 512, end);
+    if ((uint64_t)hole <= offset) {
+        *run_end = MIN(offset + 512, end);
+        return 0;
+    }
+    *run_end = MIN((uint64_t)hole, end);
+    g_mutex_lock(&img->run_lock);
+    img->data_start = offset;
+    img->data_end = hole;
+    g_mutex_unlock(&img->run_lock);
     return 0;
 
 all_data:
