@@ -138,13 +138,13 @@ int nbdfs_cmd_bitmap(int argc, char **argv)
         GOptionEntry add_entries[] = {
             { "granularity", 'g', 0, G_OPTION_ARG_STRING, &granularity_str,
               "Bytes per bit: a power of two from 512 to 64M (default 64K)", "BYTES" },
-            { NULL }
+            G_OPTION_ENTRY_NULL
         };
         GOptionEntry list_entries[] = {
             { "json", 0, 0, G_OPTION_ARG_NONE, &json, "Print JSON", NULL },
-            { NULL }
+            G_OPTION_ENTRY_NULL
         };
-        GOptionEntry none[] = { { NULL } };
+        GOptionEntry none[] = { G_OPTION_ENTRY_NULL };
         const GOptionEntry *entries = ops[which].op == OP_ADD ? add_entries :
                                       ops[which].op == OP_LIST ? list_entries : none;
         argc--;

@@ -152,7 +152,7 @@ int nbdfs_cmd_serve(int argc, char **argv)
         { "verbose", 'v', 0, G_OPTION_ARG_NONE, &o.verbose,
           "Log every option and request", NULL },
         { G_OPTION_REMAINING, 0, 0, G_OPTION_ARG_FILENAME_ARRAY, &o.images, NULL, "IMAGE..." },
-        { NULL }
+        G_OPTION_ENTRY_NULL
     };
     g_autoptr(NbdsServer) server = NULL;
     g_autoptr(GError) error = NULL;
