@@ -27,6 +27,16 @@ typedef struct {
     char **images;
 } ServeOptions;
 
+static void serve_options_clear(ServeOptions *o)
+{
+    g_free(o->socket);
+    g_free(o->port);
+    g_free(o->bind);
+    g_free(o->pid_file);
+    g_strfreev(o->images);
+}
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(ServeOptions, serve_options_clear)
+
 /* The listening fds systemd-style socket activation passed us, or 0. */
 static int activation_fd_count(void)
 {
@@ -125,7 +135,7 @@ static bool validate(const ServeOptions *o, int n_activation)
 
 int nbdfs_cmd_serve(int argc, char **argv)
 {
-    ServeOptions o = {
+    g_auto(ServeOptions) o = {
         .max_connections = NBDS_DEFAULT_MAX_CONNECTIONS,
         .handshake_limit = NBDS_DEFAULT_HANDSHAKE_LIMIT,
     };
@@ -245,10 +255,5 @@ int nbdfs_cmd_serve(int argc, char **argv)
     if (o.pid_file) {
         unlink(o.pid_file);
     }
-    g_free(o.socket);
-    g_free(o.port);
-    g_free(o.bind);
-    g_free(o.pid_file);
-    g_strfreev(o.images);
     return status;
 }

@@ -74,6 +74,7 @@ struct NbdsServer {
     GList *conns;                  /* NbdsConn *, live connections */
     unsigned n_conns;
     unsigned n_refusing;           /* over-cap clients being turned away */
+    GPtrArray *finished;           /* GThread * of ended connections, to be joined */
     gint shutting_down;            /* atomic: read by connections without the lock */
 };
 

@@ -46,6 +46,7 @@ NbdsServer *nbds_server_new(const NbdsServerConfig *config)
     }
     s->exports = g_ptr_array_new_with_free_func((GDestroyNotify)export_free);
     s->listen_fds = g_array_new(FALSE, FALSE, sizeof(int));
+    s->finished = g_ptr_array_new();
     g_mutex_init(&s->lock);
     g_cond_init(&s->cond);
     return s;
@@ -59,6 +60,7 @@ void nbds_server_free(NbdsServer *s)
     nbds_server_shutdown(s);
     g_ptr_array_unref(s->exports);
     g_array_unref(s->listen_fds);
+    g_ptr_array_unref(s->finished);
     g_mutex_clear(&s->lock);
     g_cond_clear(&s->cond);
     g_free(s);
@@ -250,6 +252,7 @@ static gpointer conn_thread(gpointer data)
 {
     NbdsConn *c = data;
     NbdsServer *s = c->server;
+    bool refused = c->refuse;
 
     if (nbds_handshake(c) && !c->refuse) {
         c->deadline = 0;
@@ -259,16 +262,42 @@ static gpointer conn_thread(gpointer data)
     g_debug("%s: connection closed", c->peer);
 
     g_mutex_lock(&s->lock);
-    if (c->refuse) {
+    if (refused) {
         s->n_refusing--;
     } else {
         s->conns = g_list_remove(s->conns, c);
         s->n_conns--;
     }
+    /* Joined by the next reap (which waits for the rest of this function). */
+    g_ptr_array_add(s->finished, g_thread_self());
     g_cond_broadcast(&s->cond);
     g_mutex_unlock(&s->lock);
     nbds_conn_free(c);
     return NULL;
+}
+
+/* Join the threads of connections that have ended. */
+static void reap_finished(NbdsServer *s)
+{
+    g_autoptr(GPtrArray) done = NULL;
+
+    g_mutex_lock(&s->lock);
+    done = s->finished;
+    s->finished = g_ptr_array_new();
+    g_mutex_unlock(&s->lock);
+    for (guint i = 0; i < done->len; i++) {
+        g_thread_join(g_ptr_array_index(done, i));
+    }
+}
+
+void nbds_server_wait_idle(NbdsServer *s)
+{
+    g_mutex_lock(&s->lock);
+    while (s->n_conns > 0 || s->n_refusing > 0) {
+        g_cond_wait(&s->cond, &s->lock);
+    }
+    g_mutex_unlock(&s->lock);
+    reap_finished(s);
 }
 
 void nbds_server_serve_fd(NbdsServer *s, int fd)
@@ -328,7 +357,8 @@ void nbds_server_serve_fd(NbdsServer *s, int fd)
         nbds_conn_free(c);
         return;
     }
-    g_thread_unref(t);
+    /* The reference is kept: reap_finished() joins the thread once it ends. */
+    reap_finished(s);
 }
 
 void nbds_server_run(NbdsServer *s, int stop_fd)
@@ -407,6 +437,7 @@ bool nbds_server_shutdown(NbdsServer *s)
         }
     }
     g_mutex_unlock(&s->lock);
+    reap_finished(s);
     if (s->workers) {
         g_thread_pool_free(s->workers, FALSE, TRUE);
         s->workers = NULL;

@@ -49,6 +49,9 @@ void nbds_server_run(NbdsServer *server, int stop_fd);
 /* Serve one already connected client (takes ownership of FD): in-process use. */
 void nbds_server_serve_fd(NbdsServer *server, int fd);
 
+/* Wait until no client is connected (every connection thread has ended). */
+void nbds_server_wait_idle(NbdsServer *server);
+
 /*
  * Stop: close listeners, end every connection once its requests in flight are
  * answered, flush every export.  Returns false if a flush failed.

@@ -112,4 +112,6 @@ void fuzz_play(const uint8_t *prefix, size_t prefix_len, const uint8_t *data, si
     }
     pthread_join(t, NULL);
     close(sv[1]);
+    /* Every allocation of the connection is gone before the next input. */
+    nbds_server_wait_idle(server);
 }

@@ -20,7 +20,9 @@ static void option(uint8_t *buf, size_t *pos, uint32_t code, const void *payload
     memcpy(buf + *pos, &magic, 8);
     memcpy(buf + *pos + 8, &c, 4);
     memcpy(buf + *pos + 12, &l, 4);
-    memcpy(buf + *pos + 16, payload, len);
+    if (len) {
+        memcpy(buf + *pos + 16, payload, len);
+    }
     *pos += 16 + len;
 }
 

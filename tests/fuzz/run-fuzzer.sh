@@ -17,4 +17,4 @@ if [ ${#inputs[@]} -gt 0 ]; then
   "$exe" -runs=1 "${inputs[@]}"
 fi
 "$exe" -max_total_time="$seconds" -max_len=65536 -timeout=20 -rss_limit_mb=4096 \
-  -print_final_stats=1 -artifact_prefix="$artifacts/" "$work" "$seeds"
+  -print_final_stats=1 -error_exitcode=1 -timeout_exitcode=1 -artifact_prefix="$artifacts/" "$work" "$seeds"
