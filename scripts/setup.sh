@@ -65,7 +65,7 @@ SRC
 
 build_pkgs=(build-essential meson ninja-build pkg-config libfuse3-dev fuse3 libglib2.0-dev
             libxml2-dev libgnutls28-dev jq python3 python3-dev util-linux coreutils rsync tar
-            clang libclang-rt-14-dev valgrind)
+            clang libclang-rt-14-dev valgrind fio)
 test_peers=(nbdkit nbd-server)
 qemu_pkgs=(qemu-utils qemu-system-common qemu-block-extra)
 

@@ -136,5 +136,46 @@ class TestCase(unittest.TestCase):
         return srv
 
 
+# The servers interop checks run against: nbdfs's own and the reference.
+SERVER_KINDS = ("nbdfs", "qemu-nbd")
+
+
+class ServerTestCase(TestCase):
+    """A TestCase whose checks run against one server kind (SERVER, one of
+    SERVER_KINDS): subclass it once per kind."""
+
+    SERVER = None
+
+    def start_server(self, image, *args, name=None):
+        """Serve raw IMAGE with the class's server; ARGS are options both
+        understand (-r).  The image is the default export "" on either."""
+        if self.SERVER == "nbdfs":
+            return self.start_nbdfs([image], *args, name=name or "nbdfs")
+        if self.SERVER == "qemu-nbd":
+            return self.start_qemu_nbd(image, *args, name=name or "qemu-nbd")
+        raise AssertionError("unknown server kind %r" % self.SERVER)
+
+    def server_argv(self, image, *args):
+        """A command line serving IMAGE on the socket systemd-style activation
+        passes (fd 3), for nbdinfo [ ... ] and connect_systemd_socket_activation."""
+        if self.SERVER == "nbdfs":
+            return [NBDFS, "serve", *args, image]
+        return ["qemu-nbd", "-f", "raw", *args, image]
+
+    def expect(self, **by_server):
+        """The expectation for this class's server: expect(nbdfs=x, qemu_nbd=y)."""
+        return by_server[self.SERVER.replace("-", "_")]
+
+
+def server_test_classes(mixin, namespace):
+    """Define one TestCase per server kind from MIXIN's checks in NAMESPACE
+    (a module's globals()), named <Kind><Mixin>."""
+    for kind in SERVER_KINDS:
+        prefix = "".join(part.capitalize() for part in kind.split("-"))
+        name = prefix + mixin.__name__
+        namespace[name] = type(name, (mixin, ServerTestCase),
+                               {"SERVER": kind, "__module__": namespace["__name__"]})
+
+
 def main():
     unittest.main(verbosity=2)
