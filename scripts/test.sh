@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up on Debian 12 (as root) and runs the whole nbdfs test suite:
-#   1. gcc build (build/): every suite
+#   1. gcc build (build/): every suite, then the server's protocol and interop
+#      suites again with every 'nbdfs serve' under valgrind memcheck
 #   2. clang build with AddressSanitizer + UBSan and the libFuzzer targets
 #      (build-asan/): every suite again, plus short fuzzing runs
 # Options:
@@ -53,6 +54,12 @@ for step in $steps; do
   ninja -C "$dir"
   meson test -C "$dir" --print-errorlogs --num-processes 2 "$@" || status=1
   logs+=("$dir/meson-logs/testlog.json")
+  if [ "$step" = plain ] && [ $# -eq 0 ]; then
+    echo "== valgrind: protocol and interop suites"
+    meson test -C "$dir" --setup valgrind --suite protocol --suite interop \
+      --print-errorlogs --num-processes 2 || status=1
+    logs+=("$dir/meson-logs/testlog-valgrind.json")
+  fi
 done
 
 /usr/bin/python3 - "${logs[@]}" <<'PY'

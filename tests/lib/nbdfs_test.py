@@ -5,6 +5,7 @@ test's cleanup (addCleanup), so a failing test leaves nothing running.
 """
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -14,6 +15,10 @@ import time
 import unittest
 
 NBDFS = os.environ.get("NBDFS") or shutil.which("nbdfs") or "nbdfs"
+# A command to run 'nbdfs serve' under, e.g. "valgrind --error-exitcode=99 ..."
+# (the 'valgrind' test setup).  Servers started by start_nbdfs must then
+# still exit 0: no leak, no invalid access.
+SERVER_WRAPPER = shlex.split(os.environ.get("NBDFS_SERVER_WRAPPER", ""))
 DEFAULT_TIMEOUT = 30
 
 
@@ -122,10 +127,18 @@ class TestCase(unittest.TestCase):
     def start_nbdfs(self, images, *args, name="nbdfs"):
         """'nbdfs serve' on a unix socket in the test's directory."""
         sock = self.path(name + ".sock")
-        srv = Server([NBDFS, "serve", "-U", sock, *args, *images], sock,
-                     self.path(name + ".err"))
-        self.addCleanup(srv.stop)
+        srv = Server([*SERVER_WRAPPER, NBDFS, "serve", "-U", sock, *args, *images], sock,
+                     self.path(name + ".err"), timeout=60 if SERVER_WRAPPER else 10)
+        self.addCleanup(self.stop_cleanly, srv)
         return srv
+
+    def stop_cleanly(self, srv):
+        """Cleanup of a server the test left running: SIGTERM must end it with status 0."""
+        if not srv.alive():
+            srv.stop()
+            return
+        code = srv.stop(timeout=60 if SERVER_WRAPPER else 10)
+        self.assertEqual(code, 0, "server exit status %d on SIGTERM:\n%s" % (code, srv.stderr()))
 
     def start_qemu_nbd(self, image, *args, fmt="raw", name="qemu-nbd"):
         """qemu-nbd 10 serving IMAGE on a unix socket (several clients allowed)."""
@@ -159,7 +172,7 @@ class ServerTestCase(TestCase):
         """A command line serving IMAGE on the socket systemd-style activation
         passes (fd 3), for nbdinfo [ ... ] and connect_systemd_socket_activation."""
         if self.SERVER == "nbdfs":
-            return [NBDFS, "serve", *args, image]
+            return [*SERVER_WRAPPER, NBDFS, "serve", *args, image]
         return ["qemu-nbd", "-f", "raw", *args, image]
 
     def expect(self, **by_server):
