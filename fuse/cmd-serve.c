@@ -168,7 +168,7 @@ int nbdfs_cmd_serve(int argc, char **argv)
     g_autoptr(GError) error = NULL;
     int n_activation = activation_fd_count();
     int ready_fd = -1;
-    int stop_fd;
+    int stop_fd = -1;
     sigset_t mask;
     int status = 0;
 
@@ -229,16 +229,27 @@ int nbdfs_cmd_serve(int argc, char **argv)
     }
     if (o.pid_file && !write_pid_file(o.pid_file, &error)) {
         nbdfs_error("serve", "--pid-file: %s", error->message);
-        return 1;
+        status = 1;
+        goto out;
     }
     stop_fd = signalfd(-1, &mask, SFD_CLOEXEC);
     if (stop_fd < 0) {
         nbdfs_error("serve", "signalfd: %s", g_strerror(errno));
-        return 1;
+        status = 1;
+        goto out;
     }
     if (ready_fd >= 0) {
+        /* Detached for good: the caller's pipes must not wait for us (keep them with -v). */
+        if (!o.verbose) {
+            int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
+            if (null >= 0) {
+                dup2(null, STDERR_FILENO);
+                close(null);
+            }
+        }
         if (write(ready_fd, "", 1) != 1) {
-            return 1;
+            status = 1;
+            goto out;
         }
         close(ready_fd);
     }
@@ -249,11 +260,12 @@ int nbdfs_cmd_serve(int argc, char **argv)
         status = 1;
     }
     close(stop_fd);
-    if (o.socket) {
-        unlink(o.socket);
-    }
     if (o.pid_file) {
         unlink(o.pid_file);
+    }
+out:
+    if (o.socket) {
+        unlink(o.socket);
     }
     return status;
 }
