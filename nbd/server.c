@@ -248,6 +248,23 @@ bool nbds_server_listen_tcp(NbdsServer *s, const char *address, const char *port
 
 /* ---- connections ---- */
 
+/* Take C off the server's books; THREAD (if any) is to be joined. */
+static void forget_conn(NbdsServer *s, NbdsConn *c, bool refused, GThread *thread)
+{
+    g_mutex_lock(&s->lock);
+    if (refused) {
+        s->n_refusing--;
+    } else {
+        s->conns = g_list_remove(s->conns, c);
+        s->n_conns--;
+    }
+    if (thread) {
+        g_ptr_array_add(s->finished, thread);
+    }
+    g_cond_broadcast(&s->cond);
+    g_mutex_unlock(&s->lock);
+}
+
 static gpointer conn_thread(gpointer data)
 {
     NbdsConn *c = data;
@@ -261,17 +278,8 @@ static gpointer conn_thread(gpointer data)
     }
     g_debug("%s: connection closed", c->peer);
 
-    g_mutex_lock(&s->lock);
-    if (refused) {
-        s->n_refusing--;
-    } else {
-        s->conns = g_list_remove(s->conns, c);
-        s->n_conns--;
-    }
     /* Joined by the next reap (which waits for the rest of this function). */
-    g_ptr_array_add(s->finished, g_thread_self());
-    g_cond_broadcast(&s->cond);
-    g_mutex_unlock(&s->lock);
+    forget_conn(s, c, refused, g_thread_self());
     nbds_conn_free(c);
     return NULL;
 }
@@ -346,14 +354,7 @@ void nbds_server_serve_fd(NbdsServer *s, int fd)
     t = g_thread_try_new("nbds-conn", conn_thread, c, &error);
     if (!t) {
         g_warning("%s: cannot start a thread: %s", c->peer, error->message);
-        g_mutex_lock(&s->lock);
-        if (refuse) {
-            s->n_refusing--;
-        } else {
-            s->conns = g_list_remove(s->conns, c);
-            s->n_conns--;
-        }
-        g_mutex_unlock(&s->lock);
+        forget_conn(s, c, refuse, NULL);
         nbds_conn_free(c);
         return;
     }

@@ -10,58 +10,42 @@ size_t nbds_request_size(NbdsHeaderMode mode)
                                       : sizeof(struct nbds_request_compact);
 }
 
+/*
+ * Compact and extended requests share their first 24 bytes (magic, flags,
+ * type, cookie, offset); only the length differs: 4 bytes or 8.
+ */
 bool nbds_request_decode(NbdsHeaderMode mode, const void *buf, NbdsRequest *req)
 {
-    if (mode == NBDS_MODE_EXTENDED) {
-        struct nbds_request_extended w;
-        memcpy(&w, buf, sizeof(w));
-        if (be32toh(w.magic) != NBDS_EXTENDED_REQUEST_MAGIC) {
-            return false;
-        }
-        req->length = be64toh(w.count);
-        req->flags = be16toh(w.flags);
-        req->type = be16toh(w.type);
-        req->cookie = be64toh(w.cookie);
-        req->offset = be64toh(w.offset);
-    } else {
-        struct nbds_request_compact w;
-        memcpy(&w, buf, sizeof(w));
-        if (be32toh(w.magic) != NBDS_REQUEST_MAGIC) {
-            return false;
-        }
-        req->length = be32toh(w.count);
-        req->flags = be16toh(w.flags);
-        req->type = be16toh(w.type);
-        req->cookie = be64toh(w.cookie);
-        req->offset = be64toh(w.offset);
+    const uint8_t *b = buf;
+    bool ext = mode == NBDS_MODE_EXTENDED;
+
+    if (nbds_load_be32(b) != (ext ? NBDS_EXTENDED_REQUEST_MAGIC : NBDS_REQUEST_MAGIC)) {
+        return false;
     }
+    req->flags = nbds_load_be16(b + 4);
+    req->type = nbds_load_be16(b + 6);
+    req->cookie = nbds_load_be64(b + 8);
+    req->offset = nbds_load_be64(b + 16);
+    req->length = ext ? nbds_load_be64(b + 24) : nbds_load_be32(b + 24);
     return true;
 }
 
 size_t nbds_request_encode(NbdsHeaderMode mode, const NbdsRequest *req, void *buf)
 {
-    if (mode == NBDS_MODE_EXTENDED) {
-        struct nbds_request_extended w = {
-            .magic = htobe32(NBDS_EXTENDED_REQUEST_MAGIC),
-            .flags = htobe16(req->flags),
-            .type = htobe16(req->type),
-            .cookie = htobe64(req->cookie),
-            .offset = htobe64(req->offset),
-            .count = htobe64(req->length),
-        };
-        memcpy(buf, &w, sizeof(w));
-        return sizeof(w);
+    uint8_t *b = buf;
+    bool ext = mode == NBDS_MODE_EXTENDED;
+
+    nbds_store_be32(b, ext ? NBDS_EXTENDED_REQUEST_MAGIC : NBDS_REQUEST_MAGIC);
+    nbds_store_be16(b + 4, req->flags);
+    nbds_store_be16(b + 6, req->type);
+    nbds_store_be64(b + 8, req->cookie);
+    nbds_store_be64(b + 16, req->offset);
+    if (ext) {
+        nbds_store_be64(b + 24, req->length);
+    } else {
+        nbds_store_be32(b + 24, (uint32_t)req->length);
     }
-    struct nbds_request_compact w = {
-        .magic = htobe32(NBDS_REQUEST_MAGIC),
-        .flags = htobe16(req->flags),
-        .type = htobe16(req->type),
-        .cookie = htobe64(req->cookie),
-        .offset = htobe64(req->offset),
-        .count = htobe32((uint32_t)req->length),
-    };
-    memcpy(buf, &w, sizeof(w));
-    return sizeof(w);
+    return nbds_request_size(mode);
 }
 
 size_t nbds_reply_header_encode(NbdsHeaderMode mode, const NbdsReplyHeader *hdr, void *buf)

@@ -68,7 +68,7 @@ size_t nbds_reply_header_decode(NbdsHeaderMode mode, const void *buf, size_t len
                                 NbdsReplyHeader *hdr, bool *is_simple);
 
 
-/* Big-endian loads from unaligned buffers (option and payload parsing). */
+/* Big-endian loads and stores on unaligned buffers. */
 static inline uint16_t nbds_load_be16(const void *p)
 {
     const uint8_t *b = p;
@@ -85,6 +85,25 @@ static inline uint64_t nbds_load_be64(const void *p)
 {
     const uint8_t *b = p;
     return (uint64_t)nbds_load_be32(b) << 32 | nbds_load_be32(b + 4);
+}
+
+static inline void nbds_store_be16(void *p, uint16_t v)
+{
+    uint8_t *b = p;
+    b[0] = v >> 8;
+    b[1] = v;
+}
+
+static inline void nbds_store_be32(void *p, uint32_t v)
+{
+    nbds_store_be16(p, v >> 16);
+    nbds_store_be16((uint8_t *)p + 2, v);
+}
+
+static inline void nbds_store_be64(void *p, uint64_t v)
+{
+    nbds_store_be32(p, v >> 32);
+    nbds_store_be32((uint8_t *)p + 4, v);
 }
 
 #endif /* NBDS_WIRE_H */
