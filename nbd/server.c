@@ -321,8 +321,11 @@ void nbds_server_serve_fd(NbdsServer *s, int fd)
 
     g_mutex_lock(&s->lock);
     if (!s->workers) {
-        /* Threads start with the first client, so a server may fork before that. */
-        s->workers = g_thread_pool_new(nbds_work_run, s, s->config.threads, FALSE, NULL);
+        /*
+         * Threads start with the first client, so a server may fork before
+         * that.  Exclusive: they are the server's own and end with it.
+         */
+        s->workers = g_thread_pool_new(nbds_work_run, s, s->config.threads, TRUE, NULL);
     }
     if (s->config.max_connections && s->n_conns >= s->config.max_connections) {
         if (s->n_refusing >= MAX_REFUSING) {

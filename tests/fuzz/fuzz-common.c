@@ -20,6 +20,12 @@ static void quiet_log(const char *domain, GLogLevelFlags level, const char *mess
     (void)domain; (void)level; (void)message; (void)data;
 }
 
+/* At exit: a clean shutdown, so no server thread or buffer is left for LSan. */
+static void teardown(void)
+{
+    g_clear_pointer(&server, nbds_server_free);
+}
+
 static void setup(void)
 {
     g_autoptr(GError) error = NULL;
@@ -53,6 +59,7 @@ static void setup(void)
     });
     g_assert(nbds_server_add_export(server, path, &error));
     g_assert_no_error(error);
+    atexit(teardown);
     /* The files can go now: the server holds them open. */
     unlink(path);
     {
