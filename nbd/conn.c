@@ -21,8 +21,8 @@ NbdsConn *nbds_conn_new(NbdsServer *server, int fd)
     c->server = server;
     c->fd = fd;
     c->mode = NBDS_MODE_SIMPLE;
-    g_mutex_init(&c->send_lock);
     g_mutex_init(&c->lock);
+    g_queue_init(&c->out_queue);
     g_cond_init(&c->cond);
     if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0 && ss.ss_family != AF_UNIX) {
         char host[64] = "?";
@@ -51,7 +51,6 @@ void nbds_conn_free(NbdsConn *c)
     }
     g_free(c->meta_selected);
     g_free(c->peer);
-    g_mutex_clear(&c->send_lock);
     g_mutex_clear(&c->lock);
     g_cond_clear(&c->cond);
     g_free(c);

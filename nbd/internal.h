@@ -103,12 +103,20 @@ struct NbdsConn {
     bool *meta_selected;           /* [meta_export->contexts->len] */
     unsigned meta_count;           /* how many are selected */
 
-    /* Transmission (transmission.c, reply.c). */
-    GMutex send_lock;              /* one reply chunk at a time on the socket */
-    GMutex lock;                   /* protects what follows */
+    /*
+     * Transmission (transmission.c, reply.c).  Replies go straight to the
+     * socket without blocking; what the client is not ready to take waits in
+     * out_queue for the connection's writer thread (started the first time),
+     * so a client that stops reading stalls only itself, never a worker.
+     */
+    GMutex lock;                   /* protects what follows, and the socket's send side */
     GCond cond;
-    unsigned in_flight;
-    uint64_t in_flight_bytes;
+    unsigned in_flight;            /* requests being run by workers */
+    uint64_t in_flight_bytes;      /* their buffers */
+    GQueue out_queue;              /* NbdsOutBuf *, replies waiting for the socket */
+    uint64_t out_bytes;            /* bytes in out_queue */
+    GThread *writer;
+    bool writer_stop;
     gint broken;                   /* atomic: a send failed, stop reading and close */
 };
 
@@ -144,15 +152,17 @@ void nbds_work_run(gpointer work, gpointer server);
 /* ---- reply.c ---- */
 
 /*
- * Reply helpers.  All take c->send_lock for each write, so chunks of
+ * Reply helpers.  Each reply (all its chunks) goes out whole, so chunks of
  * different requests may interleave but never tear.  They return false when
  * the socket failed (the connection is then marked broken).
  */
 bool nbds_reply_ok(NbdsConn *c, const NbdsRequest *req);
 bool nbds_reply_error(NbdsConn *c, const NbdsRequest *req, uint32_t nbd_error,
                       const char *fmt, ...) G_GNUC_PRINTF(4, 5);
-/* Send prepared chunks (headers included) in one write under the send lock. */
+/* Send prepared chunks (headers included); never blocks.  Consumes IOV. */
 bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt);
+/* After the last reply: wait until the queue is on the wire, stop the writer. */
+void nbds_reply_drain(NbdsConn *c);
 /* Encode one chunk header for REQ into BUF; returns its size. */
 size_t nbds_chunk_header(NbdsConn *c, const NbdsRequest *req, uint16_t flags,
                          uint16_t type, uint64_t length, void *buf);

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "protostrings.h"
 
@@ -39,17 +40,141 @@ uint32_t nbds_errno_to_wire(int err)
     }
 }
 
+/* A reply, or what is left of it, waiting in the connection's out_queue. */
+typedef struct {
+    uint8_t *data;
+    size_t len;
+} NbdsOutBuf;
+
+static void out_buf_free(gpointer data)
+{
+    NbdsOutBuf *b = data;
+    g_free(b->data);
+    g_free(b);
+}
+
+/* Called with c->lock held: the connection is dead, drop what was waiting. */
+static void mark_broken(NbdsConn *c)
+{
+    g_atomic_int_set(&c->broken, 1);
+    g_queue_clear_full(&c->out_queue, out_buf_free);
+    c->out_bytes = 0;
+    /* Wake the reader blocked in recv: the connection is over. */
+    shutdown(c->fd, SHUT_RDWR);
+    g_cond_broadcast(&c->cond);
+}
+
+static gpointer writer_thread(gpointer data)
+{
+    NbdsConn *c = data;
+
+    g_mutex_lock(&c->lock);
+    for (;;) {
+        NbdsOutBuf *b;
+        bool ok;
+
+        while (g_queue_is_empty(&c->out_queue) && !c->writer_stop) {
+            g_cond_wait(&c->cond, &c->lock);
+        }
+        if (g_queue_is_empty(&c->out_queue)) {
+            break;
+        }
+        /* The head stays queued while it is sent, so later replies queue behind it. */
+        b = g_queue_peek_head(&c->out_queue);
+        g_mutex_unlock(&c->lock);
+        ok = nbds_conn_write(c, b->data, b->len);
+        g_mutex_lock(&c->lock);
+        if (!ok) {
+            mark_broken(c);
+            continue;
+        }
+        g_queue_pop_head(&c->out_queue);
+        c->out_bytes -= b->len;
+        out_buf_free(b);
+        g_cond_broadcast(&c->cond);
+    }
+    g_mutex_unlock(&c->lock);
+    return NULL;
+}
+
 bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
 {
-    bool ok;
+    NbdsOutBuf *b;
+    size_t len = 0;
 
-    g_mutex_lock(&c->send_lock);
-    ok = !g_atomic_int_get(&c->broken) && nbds_conn_writev(c, iov, iovcnt);
-    if (!ok) {
-        g_atomic_int_set(&c->broken, 1);
+    g_mutex_lock(&c->lock);
+    if (g_atomic_int_get(&c->broken)) {
+        g_mutex_unlock(&c->lock);
+        return false;
     }
-    g_mutex_unlock(&c->send_lock);
-    return ok;
+    /* Nothing waiting: as much as the socket takes now, without blocking. */
+    while (g_queue_is_empty(&c->out_queue) && iovcnt > 0) {
+        struct msghdr msg = { .msg_iov = iov, .msg_iovlen = MIN(iovcnt, IOV_MAX) };
+        ssize_t r = sendmsg(c->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+
+        if (r < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            if (errno == EAGAIN) {
+                break;
+            }
+            g_debug("%s: send: %s", c->peer, g_strerror(errno));
+            mark_broken(c);
+            g_mutex_unlock(&c->lock);
+            return false;
+        }
+        while (iovcnt > 0 && (size_t)r >= iov->iov_len) {
+            r -= iov->iov_len;
+            iov++;
+            iovcnt--;
+        }
+        if (iovcnt > 0) {
+            iov->iov_base = (char *)iov->iov_base + r;
+            iov->iov_len -= r;
+        }
+    }
+    if (iovcnt == 0) {
+        g_mutex_unlock(&c->lock);
+        return true;
+    }
+    /* The client is slow to read: the rest waits for the writer thread. */
+    for (int i = 0; i < iovcnt; i++) {
+        len += iov[i].iov_len;
+    }
+    b = g_new(NbdsOutBuf, 1);
+    b->data = g_malloc(len);
+    b->len = len;
+    len = 0;
+    for (int i = 0; i < iovcnt; i++) {
+        memcpy(b->data + len, iov[i].iov_base, iov[i].iov_len);
+        len += iov[i].iov_len;
+    }
+    g_queue_push_tail(&c->out_queue, b);
+    c->out_bytes += b->len;
+    if (!c->writer) {
+        c->writer = g_thread_new("nbds-writer", writer_thread, c);
+    }
+    g_cond_broadcast(&c->cond);
+    g_mutex_unlock(&c->lock);
+    return true;
+}
+
+void nbds_reply_drain(NbdsConn *c)
+{
+    GThread *writer;
+
+    g_mutex_lock(&c->lock);
+    while (!g_queue_is_empty(&c->out_queue)) {
+        g_cond_wait(&c->cond, &c->lock);
+    }
+    c->writer_stop = true;
+    g_cond_broadcast(&c->cond);
+    writer = g_steal_pointer(&c->writer);
+    g_mutex_unlock(&c->lock);
+    if (writer) {
+        g_thread_join(writer);
+    }
 }
 
 size_t nbds_chunk_header(NbdsConn *c, const NbdsRequest *req, uint16_t flags,

@@ -271,8 +271,6 @@ void nbds_work_run(gpointer data, gpointer user_data)
     NbdsImage *img = c->export->image;
     NbdsBitmapSet *bitmaps = c->export->bitmaps;
     bool fua = req->flags & NBDS_CMD_FLAG_FUA;
-    bool ok = true;
-
     int err;
 
     (void)user_data;
@@ -282,38 +280,34 @@ void nbds_work_run(gpointer data, gpointer user_data)
     }
     switch (req->type) {
     case NBDS_CMD_READ:
-        ok = do_read(c, req);
+        do_read(c, req);
         break;
     case NBDS_CMD_WRITE:
         err = nbds_image_pwrite(img, w->data, w->length, req->offset, fua);
-        ok = reply_status(c, req, err || !fua ? err : nbds_bitmaps_sync(bitmaps));
+        reply_status(c, req, err || !fua ? err : nbds_bitmaps_sync(bitmaps));
         break;
     case NBDS_CMD_FLUSH:
         /* Marks reach the disk no later than the data they describe. */
         err = nbds_bitmaps_sync(bitmaps);
-        ok = reply_status(c, req, err ? err : nbds_image_flush(img));
+        reply_status(c, req, err ? err : nbds_image_flush(img));
         break;
     case NBDS_CMD_TRIM:
         err = nbds_image_trim(img, req->offset, w->length, fua);
-        ok = reply_status(c, req, err || !fua ? err : nbds_bitmaps_sync(bitmaps));
+        reply_status(c, req, err || !fua ? err : nbds_bitmaps_sync(bitmaps));
         break;
     case NBDS_CMD_WRITE_ZEROES:
         err = nbds_image_zero(img, req->offset, w->length, !(req->flags & NBDS_CMD_FLAG_NO_HOLE),
                               req->flags & NBDS_CMD_FLAG_FAST_ZERO, fua);
-        ok = reply_status(c, req, err || !fua ? err : nbds_bitmaps_sync(bitmaps));
+        reply_status(c, req, err || !fua ? err : nbds_bitmaps_sync(bitmaps));
         break;
     case NBDS_CMD_CACHE:
-        ok = reply_status(c, req, nbds_image_cache(img, req->offset, w->length));
+        reply_status(c, req, nbds_image_cache(img, req->offset, w->length));
         break;
     case NBDS_CMD_BLOCK_STATUS:
-        ok = nbds_block_status_reply(c, req, w->length, w->ids, w->n_ids);
+        nbds_block_status_reply(c, req, w->length, w->ids, w->n_ids);
         break;
     default:
         g_assert_not_reached();
-    }
-    if (!ok) {
-        /* The client is gone: wake the reader so the connection ends. */
-        shutdown(c->fd, SHUT_RDWR);
     }
 
     g_mutex_lock(&c->lock);
@@ -330,8 +324,10 @@ static void dispatch(NbdsConn *c, NbdsWork *w)
     w->cost = w->req.type == NBDS_CMD_READ ? w->length :
               w->req.type == NBDS_CMD_WRITE ? w->length : 0;
     g_mutex_lock(&c->lock);
-    while (c->in_flight > 0 && (c->in_flight >= NBDS_MAX_IN_FLIGHT ||
-                                c->in_flight_bytes + w->cost > NBDS_MAX_IN_FLIGHT_BYTES)) {
+    /* Replies not yet on the wire count too: a client that does not read stops being read. */
+    while ((c->in_flight > 0 || c->out_bytes > 0) &&
+           (c->in_flight >= NBDS_MAX_IN_FLIGHT ||
+            c->in_flight_bytes + c->out_bytes + w->cost > NBDS_MAX_IN_FLIGHT_BYTES)) {
         g_cond_wait(&c->cond, &c->lock);
     }
     c->in_flight++;
@@ -436,4 +432,5 @@ void nbds_transmission(NbdsConn *c)
         g_cond_wait(&c->cond, &c->lock);
     }
     g_mutex_unlock(&c->lock);
+    nbds_reply_drain(c);
 }
