@@ -11,7 +11,9 @@ static const struct {
     int (*run)(int argc, char **argv);
     const char *summary;
 } subcommands[] = {
+    { "mount", nbdfs_cmd_mount, "mount an NBD export as a file" },
     { "serve", nbdfs_cmd_serve, "serve raw images over NBD" },
+    { "info", nbdfs_cmd_info, "show what an NBD server offers" },
     { "bitmap", nbdfs_cmd_bitmap, "manage the dirty bitmaps of a raw image" },
 };
 

@@ -6,6 +6,8 @@
 
 /* Each subcommand's entry point: argv[0] is the subcommand's name. */
 int nbdfs_cmd_serve(int argc, char **argv);
+int nbdfs_cmd_mount(int argc, char **argv);
+int nbdfs_cmd_info(int argc, char **argv);
 int nbdfs_cmd_bitmap(int argc, char **argv);
 
 /* Print "nbdfs SUBCOMMAND: MESSAGE" on stderr. */

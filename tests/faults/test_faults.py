@@ -81,6 +81,34 @@ class ServerFaults(nbdfs_test.TestCase):
         self.assertLess(rss_kib(srv.proc.pid), baseline + 64 * 1024)
         self.assertTrue(srv.alive())
 
+    def test_a_client_that_stops_reading_stalls_only_itself(self):
+        img = nbdfs_test.make_image(self.path("disk.img"), 64 * MiB, [(0, os.urandom(MiB))])
+        srv = self.start_nbdfs([img], "--threads", "4")
+        # Negotiate by hand, then ask for 256 MiB of reads and never read a reply.
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(srv.sock)
+        s.recv(18, socket.MSG_WAITALL)
+        s.sendall(struct.pack(">I", 3))
+        s.sendall(struct.pack(">QII", 0x49484156454F5054, 1, 0))    # EXPORT_NAME ""
+        s.recv(10, socket.MSG_WAITALL)
+        s.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, (i % 63) * MiB, MiB)
+                           for i in range(256)))
+        time.sleep(1)
+        # Every worker thread would be stuck sending to it if replies blocked:
+        # other clients must still be served promptly (bounded: a hang fails).
+        with open(img, "rb") as f:
+            want = f.read(MiB)
+        for _ in range(3):
+            start = time.monotonic()
+            p = run(["nbdsh", "-u", srv.uri(), "-c",
+                     "import sys; sys.stdout.buffer.write(h.pread(%d, 0))" % MiB],
+                    timeout=10, text=False)
+            self.assertEqual(p.stdout, want)
+            self.assertLess(time.monotonic() - start, 5)
+        s.close()
+
     def test_disk_full_is_enospc_and_nothing_else_breaks(self):
         mnt = self.path("small")
         os.mkdir(mnt)

@@ -4,6 +4,7 @@ Every wait here has a timeout; every process started is stopped by the
 test's cleanup (addCleanup), so a failing test leaves nothing running.
 """
 import contextlib
+import errno
 import os
 import shlex
 import shutil
@@ -22,9 +23,9 @@ SERVER_WRAPPER = shlex.split(os.environ.get("NBDFS_SERVER_WRAPPER", ""))
 DEFAULT_TIMEOUT = 30
 
 
-def run(cmd, timeout=DEFAULT_TIMEOUT, check=True, input=None, env=None):
-    """Run CMD (a list), return CompletedProcess with text stdout/stderr."""
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+def run(cmd, timeout=DEFAULT_TIMEOUT, check=True, input=None, env=None, text=True):
+    """Run CMD (a list), return CompletedProcess with stdout/stderr (text unless TEXT=False)."""
+    p = subprocess.run(cmd, capture_output=True, text=text, timeout=timeout,
                        input=input, env=env)
     if check and p.returncode != 0:
         raise AssertionError("command failed (%d): %s\nstdout:\n%s\nstderr:\n%s"
@@ -192,3 +193,253 @@ def server_test_classes(mixin, namespace):
 
 def main():
     unittest.main(verbosity=2)
+
+
+# ---- FUSE mounts (tests/fuse) ----
+
+def _unescape_mountinfo(field):
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def is_mounted(path):
+    """True if PATH is a mount point, per /proc/self/mountinfo."""
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            if _unescape_mountinfo(line.split()[4]) == path:
+                return True
+    return False
+
+
+def mount_pids(mountpoint):
+    """Pids of the 'nbdfs mount' processes whose command line names MOUNTPOINT."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if (argv and os.path.basename(argv[0]) == b"nbdfs" and b"mount" in argv
+                and os.fsencode(mountpoint) in argv):
+            pids.append(int(entry))
+    return pids
+
+
+def unmount(mountpoint, timeout=10):
+    """fusermount3 -u MOUNTPOINT (then umount -l); waits until it is gone."""
+    if not is_mounted(mountpoint):
+        return
+    subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, timeout=timeout)
+    if is_mounted(mountpoint):
+        subprocess.run(["umount", "-l", mountpoint], capture_output=True, timeout=timeout)
+    wait_for(lambda: not is_mounted(mountpoint), timeout, "unmount of %s" % mountpoint)
+
+
+def pid_exited(pid):
+    """True once PID has exited: gone, or a zombie its new parent has yet to reap."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def wait_pids_gone(pids, timeout=10):
+    """Wait for PIDS (not our children) to exit; SIGKILL them past TIMEOUT."""
+    def gone():
+        return all(pid_exited(p) for p in pids)
+    try:
+        wait_for(gone, timeout, "processes %s to exit" % pids)
+    except AssertionError:
+        for p in pids:
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
+        raise
+
+
+class Mount:
+    """An 'nbdfs mount' of SOURCE on MOUNTPOINT; unmounted by the test's cleanup."""
+
+    def __init__(self, mountpoint, process=None):
+        self.mountpoint = mountpoint
+        self.process = process        # a Process in foreground mode, else None
+        self.pids = [] if process else mount_pids(mountpoint)
+
+    def path(self, *names):
+        return os.path.join(self.mountpoint, *names)
+
+    def files(self):
+        return sorted(os.listdir(self.mountpoint))
+
+    def unmount(self, timeout=10):
+        """Unmount, wait for the daemon to end; its exit status in foreground mode."""
+        unmount(self.mountpoint, timeout)
+        if self.process:
+            try:
+                self.process.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.stop(signal.SIGKILL)
+                raise AssertionError("nbdfs mount still running %ds after unmount" % timeout)
+            return self.process.stop()
+        wait_pids_gone(self.pids, timeout)
+        return None
+
+
+def _mount_cleanup(m):
+    with contextlib.suppress(Exception):
+        unmount(m.mountpoint)
+    if m.process:
+        m.process.stop(signal.SIGKILL)
+    else:
+        with contextlib.suppress(AssertionError):
+            wait_pids_gone(m.pids)
+
+
+def _mount(tc, source, args, mountpoint, foreground, timeout):
+    mountpoint = mountpoint or tc.path("mnt")
+    os.makedirs(mountpoint, exist_ok=True)
+    if foreground:
+        proc = Process([NBDFS, "mount", "-f", *args, source, mountpoint],
+                       tc.path("mount-%s.err" % os.path.basename(mountpoint)))
+        m = Mount(mountpoint, proc)
+        tc.addCleanup(_mount_cleanup, m)
+        wait_for(lambda: is_mounted(mountpoint) or not proc.alive(), timeout,
+                 "nbdfs mount on %s" % mountpoint)
+        if not is_mounted(mountpoint):
+            raise AssertionError("nbdfs mount failed (%s):\n%s" % (proc.stop(), proc.stderr()))
+        return m
+    # Background mode: the command returns once the mount is usable.
+    run([NBDFS, "mount", *args, source, mountpoint], timeout=timeout)
+    m = Mount(mountpoint)
+    tc.addCleanup(_mount_cleanup, m)
+    if not is_mounted(mountpoint):
+        raise AssertionError("nbdfs mount returned before %s was mounted" % mountpoint)
+    return m
+
+
+def _start_nbdkit(tc, image, *args, name="nbdkit"):
+    """nbdkit's file plugin serving IMAGE on a unix socket."""
+    sock = tc.path(name + ".sock")
+    srv = Server(["nbdkit", "--foreground", "-U", sock, *args, "file", image], sock,
+                 tc.path(name + ".err"))
+    tc.addCleanup(srv.stop)
+    return srv
+
+
+class Daemon:
+    """A server that forks into the background, known by its pid file."""
+
+    def __init__(self, pid_file, sock):
+        self.pid_file = pid_file
+        self.sock = sock
+        self.pid = None
+
+    def alive(self):
+        return self.pid is not None and os.path.exists("/proc/%d" % self.pid)
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        if self.alive():
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, sig)
+            with contextlib.suppress(AssertionError):
+                wait_pids_gone([self.pid], timeout)
+
+    def uri(self, export=""):
+        return "nbd+unix:///%s?socket=%s" % (export, self.sock)
+
+
+def _start_nbd_server(tc, image, export="disk", name="nbd-server"):
+    """nbd-server serving IMAGE as EXPORT on a unix socket only (it then opens no TCP
+    port).  It daemonizes: its pid file tells which process to stop."""
+    sock = tc.path(name + ".sock")
+    conf = tc.path(name + ".conf")
+    with open(conf, "w") as f:
+        f.write("[generic]\nunixsock = %s\nallowlist = true\n\n"
+                "[%s]\nexportname = %s\ntrim = true\nflush = true\n" % (sock, export, image))
+    srv = Daemon(tc.path(name + ".pid"), sock)
+    tc.addCleanup(srv.stop)
+    run(["nbd-server", "-C", conf, "-p", srv.pid_file])
+    wait_for(lambda: os.path.exists(srv.pid_file) and unix_socket_ready(sock), 10,
+             "nbd-server socket %s" % sock)
+    with open(srv.pid_file) as f:
+        srv.pid = int(f.read().split()[0])
+    return srv
+
+
+TestCase.mount = lambda self, source, *args, mountpoint=None, foreground=False, timeout=30: \
+    _mount(self, source, args, mountpoint, foreground, timeout)
+TestCase.mount.__doc__ = """'nbdfs mount [ARGS] SOURCE MOUNTPOINT' (default TMP/mnt): a Mount.
+    FOREGROUND runs it with -f (its exit status can be checked); else the
+    command must return with the mount in place."""
+TestCase.start_nbdkit = _start_nbdkit
+TestCase.start_nbd_server = _start_nbd_server
+
+
+def data_extents_by_lseek(path):
+    """[(offset, length)] of PATH's data, walked with SEEK_DATA / SEEK_HOLE."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        off = 0
+        while off < size:
+            try:
+                data = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            if hole <= data:
+                raise AssertionError("SEEK_HOLE at %d returned %d" % (data, hole))
+            out.append((data, hole - data))
+            off = hole
+    finally:
+        os.close(fd)
+    return out
+
+
+def nbdinfo_map(uri, context="base:allocation"):
+    """[{offset, length, type, description}] from 'nbdinfo --map=CONTEXT --json URI'."""
+    import json
+    return json.loads(run(["nbdinfo", "--map=" + context, "--json", uri]).stdout)
+
+
+def data_extents_of_map(entries, is_data):
+    """Merge the entries of an nbdinfo map whose type IS_DATA into [(offset, length)]."""
+    out = []
+    for e in entries:
+        if not is_data(e["type"]):
+            continue
+        if out and out[-1][0] + out[-1][1] == e["offset"]:
+            out[-1] = (out[-1][0], out[-1][1] + e["length"])
+        else:
+            out.append((e["offset"], e["length"]))
+    return out
+
+
+# fallocate(2), which Python's os module lacks (it has posix_fallocate only).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def fallocate(fd, mode, offset, length):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

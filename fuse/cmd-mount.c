@@ -1,0 +1,457 @@
+/*
+ * nbdfs mount: the command line, the daemon and the FUSE session ladder.
+ *
+ *   parse and check arguments -> fork (the parent waits on a pipe) ->
+ *   open the source and connect -> fuse_session_new -> mount -> event loops
+ *   -> FUSE init (parent released: the mount is usable) -> loop until
+ *   unmounted -> disconnect, flush, exit 0.
+ *
+ * Every failure before the parent is released prints one line naming the
+ * culprit and leaves no mount behind; the parent exits non-zero.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <syslog.h>
+#include <unistd.h>
+
+#include "mount.h"
+#include "nbdfs.h"
+
+#define DEFAULT_CONNECTIONS 4
+#define MAX_CONNECTIONS 64
+/* FUSE requests the kernel may keep in flight for us (readahead, async direct I/O). */
+#define MAX_BACKGROUND 64
+
+typedef struct {
+    gboolean read_only;
+    gboolean foreground;
+    gboolean verbose;
+    gint connections;
+    char *name;
+    char **fuse_options;
+    char **args;
+    char *source;                  /* args[0] */
+    char *mountpoint;              /* absolute */
+} MountOptions;
+
+/* Once the parent is released, messages go to syslog: stderr is gone. */
+static bool log_to_syslog;
+
+static GLogWriterOutput log_writer(GLogLevelFlags level, const GLogField *fields,
+                                   gsize n_fields, gpointer data)
+{
+    const char *message = NULL;
+    int priority;
+
+    if (!log_to_syslog) {
+        return g_log_writer_default(level, fields, n_fields, data);
+    }
+    for (gsize i = 0; i < n_fields; i++) {
+        if (strcmp(fields[i].key, "MESSAGE") == 0) {
+            message = fields[i].value;
+        }
+    }
+    if (!message || g_log_writer_default_would_drop(level, G_LOG_DOMAIN)) {
+        return G_LOG_WRITER_HANDLED;
+    }
+    priority = level & (G_LOG_LEVEL_ERROR | G_LOG_LEVEL_CRITICAL) ? LOG_ERR :
+               level & G_LOG_LEVEL_WARNING ? LOG_WARNING :
+               level & G_LOG_LEVEL_MESSAGE ? LOG_NOTICE :
+               level & G_LOG_LEVEL_INFO ? LOG_INFO : LOG_DEBUG;
+    syslog(priority, "%s", message);
+    return G_LOG_WRITER_HANDLED;
+}
+
+/* libfuse's own messages ("fuse: unknown option ..."), as ours, one line each. */
+static void fuse_log_func(enum fuse_log_level level, const char *fmt, va_list ap)
+{
+    static GMutex lock;
+    static GString *pending;
+    g_autofree char *line = NULL;
+
+    /* libfuse builds some lines with several calls: wait for the newline. */
+    g_mutex_lock(&lock);
+    if (!pending) {
+        pending = g_string_new(NULL);
+    }
+    g_string_append_vprintf(pending, fmt, ap);
+    if (pending->len && pending->str[pending->len - 1] == '\n') {
+        line = g_strdup(g_strchomp(pending->str));
+        g_string_truncate(pending, 0);
+    }
+    g_mutex_unlock(&lock);
+    if (!line) {
+        return;
+    }
+    if (log_to_syslog) {
+        g_log(G_LOG_DOMAIN, level <= FUSE_LOG_ERR ? G_LOG_LEVEL_WARNING : G_LOG_LEVEL_DEBUG,
+              "%s", line);
+    } else if (level <= FUSE_LOG_ERR) {
+        nbdfs_error("mount", "%s", line);
+    }
+}
+
+/*
+ * Fork: the parent waits until the child writes a byte (the mount is ready)
+ * and exits 0, or sees EOF (the child failed and said why) and exits 1.
+ * Returns the pipe's write end in the child.
+ */
+static int daemonize(void)
+{
+    int pipefd[2];
+    pid_t pid;
+    char c;
+
+    if (pipe2(pipefd, O_CLOEXEC) < 0) {
+        nbdfs_error("mount", "pipe: %s", g_strerror(errno));
+        exit(1);
+    }
+    pid = fork();
+    if (pid < 0) {
+        nbdfs_error("mount", "fork: %s", g_strerror(errno));
+        exit(1);
+    }
+    if (pid > 0) {
+        ssize_t r;
+        close(pipefd[1]);
+        do {
+            r = read(pipefd[0], &c, 1);
+        } while (r < 0 && errno == EINTR);
+        if (r == 1) {
+            exit(0);
+        }
+        waitpid(pid, NULL, 0);     /* its mount, if any, is gone when it exits */
+        exit(1);
+    }
+    close(pipefd[0]);
+    setsid();
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null >= 0) {
+        dup2(null, STDIN_FILENO);
+        close(null);
+    }
+    return pipefd[1];
+}
+
+/* Background mode: tell the parent the mount works, and let go of its terminal. */
+static void release_parent(NbdfsMount *m)
+{
+    int null;
+
+    if (m->ready_fd < 0) {
+        return;
+    }
+    openlog("nbdfs", LOG_PID, LOG_DAEMON);
+    log_to_syslog = true;
+    null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null >= 0) {
+        dup2(null, STDOUT_FILENO);
+        dup2(null, STDERR_FILENO);
+        close(null);
+    }
+    if (write(m->ready_fd, "", 1) != 1) {
+        g_warning("cannot tell the parent process the mount is ready: %s", g_strerror(errno));
+    }
+    close(m->ready_fd);
+    m->ready_fd = -1;
+}
+
+void nbdfs_session_init(void *userdata, struct fuse_conn_info *conn)
+{
+    NbdfsMount *m = userdata;
+
+    /* Large requests, many at once: the kernel's defaults are 128 KiB and 12. */
+    conn->max_write = NBDFS_MAX_FUSE_IO;
+    conn->max_readahead = NBDFS_MAX_FUSE_IO;
+    conn->max_background = MAX_BACKGROUND;
+    conn->congestion_threshold = MAX_BACKGROUND * 3 / 4;
+    conn->want |= conn->capable & (FUSE_CAP_ASYNC_READ | FUSE_CAP_ASYNC_DIO);
+    /* Our mtime never changes, and a getattr per read would be slow. */
+    conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+    g_debug("FUSE: max_write %u, max_readahead %u, max_background %u", conn->max_write,
+            conn->max_readahead, conn->max_background);
+    release_parent(m);
+}
+
+/* The device ("MAJOR:MINOR") of the topmost mount on MOUNTPOINT, or NULL. */
+static char *mounted_device(const char *mountpoint)
+{
+    g_autofree char *mountinfo = NULL;
+    g_auto(GStrv) lines = NULL;
+    char *device = NULL;
+
+    if (!g_file_get_contents("/proc/self/mountinfo", &mountinfo, NULL, NULL)) {
+        return NULL;
+    }
+    lines = g_strsplit(mountinfo, "\n", -1);
+    for (char **l = lines; *l; l++) {
+        g_auto(GStrv) fields = g_strsplit(*l, " ", 6);
+        g_autofree char *point = NULL;
+        if (g_strv_length(fields) < 6) {
+            continue;
+        }
+        point = g_strcompress(fields[4]);   /* "\040" escapes */
+        if (strcmp(point, mountpoint) == 0) {
+            g_free(device);
+            device = g_strdup(fields[2]);
+        }
+    }
+    return device;
+}
+
+/* The kernel reads ahead at most read_ahead_kb of our BDI (128 KiB by default). */
+static void tune_readahead(const char *mountpoint)
+{
+    g_autofree char *device = mounted_device(mountpoint);
+    g_autofree char *path = NULL;
+    g_autofree char *kb = NULL;
+    int fd;
+
+    if (!device) {
+        return;
+    }
+    path = g_strdup_printf("/sys/class/bdi/%s/read_ahead_kb", device);
+    kb = g_strdup_printf("%u\n", NBDFS_MAX_FUSE_IO / 1024);
+    fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, kb, strlen(kb)) < 0) {
+        g_debug("%s: %s: readahead stays at the kernel's default", path, g_strerror(errno));
+    }
+    if (fd >= 0) {
+        close(fd);
+    }
+}
+
+/* "fsname=SOURCE" with the commas and backslashes libfuse would split on escaped. */
+static char *fuse_default_options(const MountOptions *o, const NbdfsMount *m)
+{
+    GString *s = g_string_new("fsname=");
+
+    for (const char *p = o->source; *p; p++) {
+        if (*p == ',' || *p == '\\') {
+            g_string_append_c(s, '\\');
+        }
+        g_string_append_c(s, *p);
+    }
+    g_string_append(s, ",subtype=nbdfs");
+    if (m->read_only) {
+        g_string_append(s, ",ro");
+    }
+    return g_string_free(s, FALSE);
+}
+
+static char *choose_file_name(const MountOptions *o, const NbdfsMount *m)
+{
+    if (o->name) {
+        return g_strdup(o->name);
+    }
+    if (m->source->image) {
+        return g_path_get_basename(m->source->image);
+    }
+    if (m->export_name[0]) {
+        return g_strdelimit(g_strdup(m->export_name), "/", '_');
+    }
+    return g_strdup("disk");
+}
+
+static void mount_free(NbdfsMount *m)
+{
+    nbdfs_client_stop(m);          /* completes the writes still in flight */
+    nbdfs_source_free(m->source);
+    nbdfs_pending_free(m->pending);
+    if (m->bitmaps) {
+        g_ptr_array_unref(m->bitmaps);
+    }
+    nbdfs_context_free(m->allocation);
+    g_free(m->export_name);
+    g_free(m->file_name);
+    if (m->ready_fd >= 0) {
+        close(m->ready_fd);
+    }
+    g_free(m);
+}
+
+/* Everything after the fork; returns the exit status. */
+static int run_mount(const MountOptions *o, int ready_fd)
+{
+    NbdfsMount *m = g_new0(NbdfsMount, 1);
+    struct fuse_args args = FUSE_ARGS_INIT(0, NULL);
+    g_autofree char *defaults = NULL;
+    g_autoptr(GError) error = NULL;
+    struct fuse_session *se = NULL;
+    sigset_t stop_signals;
+    int status = 1;
+
+    /* Before any thread starts: stop signals arrive through the main loop's signalfd. */
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
+    sigaddset(&stop_signals, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
+
+    m->ready_fd = ready_fd;
+    m->pending = nbdfs_pending_new();
+    clock_gettime(CLOCK_REALTIME, &m->start_time);
+    m->source = nbdfs_source_open(o->source, o->read_only, &error);
+    if (!m->source) {
+        nbdfs_error("mount", "%s", error->message);
+        goto out;
+    }
+    if (!nbdfs_client_connect(m, o->connections, &error)) {
+        nbdfs_error("mount", "%s: %s", o->source, error->message);
+        goto out;
+    }
+    m->read_only |= o->read_only;
+    /* A local image is locked by the in-process server: nobody else writes it. */
+    m->keep_cache = m->source->image != NULL;
+    m->file_name = choose_file_name(o, m);
+    if (!nbdfs_valid_file_name(m->file_name)) {
+        nbdfs_error("mount", "%s: '%s' cannot be the export's file name (choose one with --name)",
+                    o->source, m->file_name);
+        goto out;
+    }
+    g_debug("%s: %" G_GUINT64_FORMAT " bytes, %u connection(s), %u dirty bitmap(s)%s",
+            o->source, m->size, m->n_conns, m->bitmaps->len, m->read_only ? ", read-only" : "");
+
+    defaults = fuse_default_options(o, m);
+    fuse_opt_add_arg(&args, "nbdfs");
+    fuse_opt_add_arg(&args, "-o");
+    fuse_opt_add_arg(&args, defaults);
+    for (char **opt = o->fuse_options; opt && *opt; opt++) {
+        fuse_opt_add_arg(&args, "-o");
+        fuse_opt_add_arg(&args, *opt);
+    }
+    se = fuse_session_new(&args, &nbdfs_ops, sizeof(nbdfs_ops), m);
+    fuse_opt_free_args(&args);
+    if (!se) {
+        goto out;                  /* libfuse said why (-o) */
+    }
+    if (fuse_session_mount(se, o->mountpoint) != 0) {
+        goto out_session;          /* libfuse said why */
+    }
+    m->session = se;
+    tune_readahead(o->mountpoint);
+    if (ready_fd >= 0 && chdir("/") < 0) {
+        g_debug("chdir /: %s", g_strerror(errno));
+    }
+
+    if (!m->source->image) {
+        nbdfs_client_start_reconnect(m);
+    }
+    if (nbdfs_loop_run(m, &stop_signals, &error) < 0) {
+        g_warning("%s: %s", o->mountpoint, error->message);
+    }
+    nbdfs_client_stop_reconnect(m);
+    status = 0;                    /* unmounted (or signalled): a clean exit */
+    fuse_session_unmount(se);
+out_session:
+    fuse_session_destroy(se);
+out:
+    mount_free(m);
+    return status;
+}
+
+static bool validate(MountOptions *o)
+{
+    g_autofree char *device = NULL;
+    struct stat st;
+    char *abs;
+
+    if (!o->args || g_strv_length(o->args) != 2) {
+        nbdfs_error("mount", "expected SOURCE and MOUNTPOINT (see 'nbdfs mount --help')");
+        return false;
+    }
+    o->source = o->args[0];
+    if (o->connections < 1 || o->connections > MAX_CONNECTIONS) {
+        nbdfs_error("mount", "--connections: must be between 1 and %d, not %d",
+                    MAX_CONNECTIONS, o->connections);
+        return false;
+    }
+    if (o->name && !nbdfs_valid_file_name(o->name)) {
+        nbdfs_error("mount", "--name: '%s' is not a usable file name (nor '.', '..' or 'dirty')",
+                    o->name);
+        return false;
+    }
+    if (stat(o->args[1], &st) < 0) {
+        nbdfs_error("mount", "mount point %s: %s", o->args[1], g_strerror(errno));
+        return false;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        nbdfs_error("mount", "mount point %s: not a directory", o->args[1]);
+        return false;
+    }
+    abs = realpath(o->args[1], NULL);
+    if (!abs) {
+        nbdfs_error("mount", "mount point %s: %s", o->args[1], g_strerror(errno));
+        return false;
+    }
+    o->mountpoint = g_strdup(abs);
+    free(abs);
+    device = mounted_device(o->mountpoint);
+    if (device) {
+        /* A second mount would hide the first: surely a mistake. */
+        nbdfs_error("mount", "mount point %s: already a mount point (unmount it first)",
+                    o->args[1]);
+        return false;
+    }
+    return true;
+}
+
+int nbdfs_cmd_mount(int argc, char **argv)
+{
+    MountOptions o = { .connections = DEFAULT_CONNECTIONS };
+    const GOptionEntry entries[] = {
+        { "read-only", 'r', 0, G_OPTION_ARG_NONE, &o.read_only,
+          "Mount read-only (a read-only export always is)", NULL },
+        { "foreground", 'f', 0, G_OPTION_ARG_NONE, &o.foreground,
+          "Stay in the foreground until unmounted", NULL },
+        { "connections", 'C', 0, G_OPTION_ARG_INT, &o.connections,
+          "Open N connections when the server allows multi-conn (default 4)", "N" },
+        { "name", 0, 0, G_OPTION_ARG_STRING, &o.name,
+          "File name of the export in the mount point", "NAME" },
+        { "option", 'o', 0, G_OPTION_ARG_STRING_ARRAY, &o.fuse_options,
+          "FUSE mount options, comma separated (allow_other, ...)", "OPT[,OPT]" },
+        { "verbose", 'v', 0, G_OPTION_ARG_NONE, &o.verbose,
+          "Log what the mount does (in the foreground: on stderr)", NULL },
+        { G_OPTION_REMAINING, 0, 0, G_OPTION_ARG_FILENAME_ARRAY, &o.args, NULL,
+          NULL },
+        G_OPTION_ENTRY_NULL
+    };
+    int ready_fd = -1;
+    int status;
+
+    if (!nbdfs_parse_options("mount", "SOURCE MOUNTPOINT",
+                             "Mount the NBD export SOURCE (an NBD URI, or a local raw image "
+                             "served in-process) as a file in MOUNTPOINT,\nwith its dirty "
+                             "bitmaps in MOUNTPOINT/dirty/.  Unmount with 'fusermount3 -u "
+                             "MOUNTPOINT'.",
+                             entries, &argc, &argv) ||
+        !validate(&o)) {
+        return 1;
+    }
+    if (o.verbose) {
+        g_setenv("G_MESSAGES_DEBUG", "all", TRUE);
+    }
+    g_log_set_writer_func(log_writer, NULL, NULL);
+    fuse_set_log_func(fuse_log_func);
+    signal(SIGPIPE, SIG_IGN);
+
+    /* Before any thread exists: the in-process server and libnbd start them later. */
+    if (!o.foreground) {
+        ready_fd = daemonize();
+    }
+    status = run_mount(&o, ready_fd);
+
+    g_free(o.name);
+    g_strfreev(o.fuse_options);
+    g_strfreev(o.args);
+    g_free(o.mountpoint);
+    return status;
+}

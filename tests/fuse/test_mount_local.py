@@ -1,0 +1,267 @@
+#!/usr/bin/python3
+"""nbdfs mount of a local raw image (the bundled server in-process) and of an
+'nbdfs serve' URI: bytes, holes, allocation, writes, read-only, unmount."""
+import concurrent.futures
+import errno
+import filecmp
+import mmap
+import os
+import random
+import subprocess
+
+import nbdfs_test as t
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+
+
+def layout():
+    """Data extents of the test image: (offset, length), all 4 KiB aligned."""
+    runs = [(1 * MiB, 64 << 10), (10 * MiB, 4096), (20 * MiB, 4 * MiB)]
+    runs += [(32 * MiB + k * (64 << 10), 4096) for k in range(256)]
+    runs.append((SIZE - 4096, 4096))
+    return runs
+
+
+def make_test_image(path, seed=1):
+    rnd = random.Random(seed)
+    return t.make_image(path, SIZE, [(off, rnd.randbytes(n)) for off, n in layout()])
+
+
+def allocated_bytes(entries):
+    """Bytes of an nbdinfo base:allocation map without the hole bit."""
+    return sum(e["length"] for e in entries if not e["type"] & 1)
+
+
+def is_data(status):
+    return not status & 2          # a range reading as zeros counts as a hole
+
+
+class LocalImageTest(t.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.image = make_test_image(self.path("disk.img"))
+
+    def served_map(self, image):
+        """nbdinfo --map of IMAGE through 'nbdfs serve' (of a copy: the mount locks it)."""
+        copy = self.path("served-" + os.path.basename(image))
+        t.run(["cp", "--sparse=always", image, copy])
+        srv = self.start_nbdfs([copy], "-r", name="map-server")
+        entries = t.nbdinfo_map(srv.uri())
+        srv.stop()
+        return entries
+
+    def test_tree_name_and_bytes(self):
+        m = self.mount(self.image)
+        self.assertEqual(m.files(), ["dirty", "disk.img"])
+        self.assertEqual(os.listdir(m.path("dirty")), [])
+        st = os.stat(m.path("disk.img"))
+        self.assertEqual(st.st_size, SIZE)
+        self.assertEqual(st.st_mode & 0o777, 0o644)
+        self.assertTrue(filecmp.cmp(m.path("disk.img"), self.image, shallow=False))
+
+    def test_lseek_walk_and_st_blocks(self):
+        entries = self.served_map(self.image)
+        m = self.mount(self.image)
+        walk = t.data_extents_by_lseek(m.path("disk.img"))
+        self.assertEqual(walk, t.data_extents_by_lseek(self.image))
+        self.assertEqual(walk, t.data_extents_of_map(entries, is_data))
+        self.assertEqual(walk, layout()[:2] + [layout()[2]] + layout()[3:])
+        st = os.stat(m.path("disk.img"))
+        self.assertEqual(st.st_blocks * 512, allocated_bytes(entries))
+        # Past the end there is nothing, as for any file.
+        fd = os.open(m.path("disk.img"), os.O_RDONLY)
+        try:
+            for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                with self.assertRaises(OSError) as cm:
+                    os.lseek(fd, SIZE, whence)
+                self.assertEqual(cm.exception.errno, errno.ENXIO)
+            self.assertEqual(os.lseek(fd, 2 * MiB, os.SEEK_DATA), 10 * MiB)
+            self.assertEqual(os.lseek(fd, 20 * MiB + 100, os.SEEK_HOLE), 24 * MiB)
+        finally:
+            os.close(fd)
+
+    def test_sparse_copy(self):
+        m = self.mount(self.image)
+        out = self.path("copy.img")
+        t.run(["cp", "--sparse=always", m.path("disk.img"), out])
+        self.assertTrue(filecmp.cmp(out, self.image, shallow=False))
+        self.assertEqual(t.data_extents_by_lseek(out), t.data_extents_by_lseek(self.image))
+        data = sum(n for _, n in layout())
+        self.assertEqual(os.stat(out).st_blocks * 512, data)
+        du = t.run(["du", "-B1", out]).stdout.split()[0]
+        self.assertEqual(int(du), data)
+
+    def test_write_punch_zero_land_in_image(self):
+        m = self.mount(self.image)
+        f = m.path("disk.img")
+        rnd = random.Random(5)
+        new = rnd.randbytes(256 << 10)
+        fd = os.open(f, os.O_RDWR)
+        try:
+            # A write into a hole the mount has seen: its caches must let go of it.
+            self.assertEqual(os.lseek(fd, 49 * MiB, os.SEEK_DATA), SIZE - 4096)
+            os.pwrite(fd, new, 50 * MiB)
+            os.fsync(fd)
+            self.assertEqual(os.lseek(fd, 49 * MiB, os.SEEK_DATA), 50 * MiB)
+            # A punch reads back as zeros and deallocates; a zero range reads zeros.
+            t.fallocate(fd, t.FALLOC_FL_PUNCH_HOLE | t.FALLOC_FL_KEEP_SIZE, 21 * MiB, MiB)
+            t.fallocate(fd, t.FALLOC_FL_ZERO_RANGE | t.FALLOC_FL_KEEP_SIZE, 1 * MiB, 64 << 10)
+            self.assertEqual(os.pread(fd, MiB, 21 * MiB), bytes(MiB))
+            self.assertEqual(os.pread(fd, 64 << 10, 1 * MiB), bytes(64 << 10))
+            self.assertEqual(os.lseek(fd, 21 * MiB, os.SEEK_HOLE), 21 * MiB)
+        finally:
+            os.close(fd)
+        with open(self.image, "rb") as img:
+            img.seek(50 * MiB)
+            self.assertEqual(img.read(len(new)), new)
+            img.seek(21 * MiB)
+            self.assertEqual(img.read(MiB), bytes(MiB))
+            img.seek(1 * MiB)
+            self.assertEqual(img.read(64 << 10), bytes(64 << 10))
+        # The mount's view of holes follows the image's after all that.
+        walk = t.data_extents_by_lseek(self.image)
+        self.assertEqual(t.data_extents_by_lseek(f), walk)
+        self.assertEqual(os.stat(f).st_blocks * 512, sum(n for _, n in walk))
+
+    def test_size_is_fixed(self):
+        m = self.mount(self.image)
+        os.truncate(m.path("disk.img"), SIZE)
+        for size in (0, SIZE - 4096, SIZE + 4096):
+            with self.assertRaises(OSError) as cm:
+                os.truncate(m.path("disk.img"), size)
+            self.assertIn(cm.exception.errno, (errno.EPERM, errno.EINVAL))
+        self.assertEqual(os.stat(m.path("disk.img")).st_size, SIZE)
+        # Writing at the end cannot grow it either.
+        fd = os.open(m.path("disk.img"), os.O_WRONLY)
+        try:
+            with self.assertRaises(OSError) as cm:
+                os.pwrite(fd, b"x" * 4096, SIZE)
+            self.assertIn(cm.exception.errno, (errno.ENOSPC, errno.EFBIG))
+        finally:
+            os.close(fd)
+
+    def test_read_only_option(self):
+        before = os.stat(self.image).st_mtime_ns
+        m = self.mount(self.image, "-r")
+        f = m.path("disk.img")
+        self.assertEqual(os.stat(f).st_mode & 0o777, 0o444)
+        for flags in (os.O_WRONLY, os.O_RDWR):
+            with self.assertRaises(OSError) as cm:
+                os.open(f, flags)
+            self.assertEqual(cm.exception.errno, errno.EROFS)
+        with self.assertRaises(OSError) as cm:
+            os.truncate(f, SIZE)
+        self.assertEqual(cm.exception.errno, errno.EROFS)
+        self.assertTrue(filecmp.cmp(f, self.image, shallow=False))
+        m.unmount()
+        self.assertEqual(os.stat(self.image).st_mtime_ns, before)
+
+    def test_read_only_export(self):
+        srv = self.start_nbdfs([self.image], "-r")
+        m = self.mount(srv.uri())
+        self.assertEqual(m.files(), ["dirty", "disk"])
+        with self.assertRaises(OSError) as cm:
+            os.open(m.path("disk"), os.O_WRONLY)
+        self.assertEqual(cm.exception.errno, errno.EROFS)
+
+    def test_name_option(self):
+        m = self.mount(self.image, "--name", "vm.raw")
+        self.assertEqual(m.files(), ["dirty", "vm.raw"])
+        self.assertTrue(filecmp.cmp(m.path("vm.raw"), self.image, shallow=False))
+
+    def test_foreground_unmount_exit_status(self):
+        m = self.mount(self.image, foreground=True)
+        self.assertTrue(filecmp.cmp(m.path("disk.img"), self.image, shallow=False))
+        self.assertEqual(m.unmount(), 0)
+        self.assertEqual(os.listdir(m.mountpoint), [])
+
+    def test_background_umount(self):
+        m = self.mount(self.image)
+        self.assertEqual(len(m.pids), 1, "one daemon serves the mount")
+        t.run(["umount", m.mountpoint])
+        m.unmount()                # waits for the daemon to go away
+        self.assertEqual(os.listdir(m.mountpoint), [])
+        # The image is free again: another mount may lock it.
+        m2 = self.mount(self.image, mountpoint=self.path("mnt2"))
+        self.assertEqual(m2.files(), ["dirty", "disk.img"])
+
+    def test_serve_uri_matches_nbdinfo(self):
+        srv = self.start_nbdfs([self.image])
+        uri = srv.uri("disk.img")
+        m = self.mount(uri)
+        self.assertEqual(m.files(), ["dirty", "disk.img"])
+        self.assertTrue(filecmp.cmp(m.path("disk.img"), self.image, shallow=False))
+        entries = t.nbdinfo_map(uri)
+        self.assertEqual(t.data_extents_by_lseek(m.path("disk.img")),
+                         t.data_extents_of_map(entries, is_data))
+        self.assertEqual(os.stat(m.path("disk.img")).st_blocks * 512, allocated_bytes(entries))
+
+    def test_bundled_server_bitmap(self):
+        t.run([t.NBDFS, "bitmap", "add", self.image, "b0"])
+        m = self.mount(self.image)
+        self.assertEqual(sorted(os.listdir(m.path("dirty"))), ["b0.img", "b0.json", "b0.map"])
+        with open(m.path("dirty", "b0.map")) as f:
+            self.assertEqual(f.read(), "")
+        fd = os.open(m.path("disk.img"), os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"\x77" * 4096, 5 * MiB + 4096)
+            os.pwrite(fd, b"\x78" * (128 << 10), 40 * MiB)
+        finally:
+            os.close(fd)
+        with open(m.path("dirty", "b0.map")) as f:
+            self.assertEqual(f.read(), "%d %d\n%d %d\n" % (5 * MiB, 64 << 10, 40 * MiB, 128 << 10))
+        with open(m.path("dirty", "b0.json")) as f:
+            seen = f.read()
+        self.assertEqual(os.stat(m.path("dirty", "b0.img")).st_blocks * 512, 192 << 10)
+        m.unmount()
+        # The bitmap outlives the mount (cleanly closed: not all dirty), and the
+        # server's own view of it is what the mount showed, byte for byte.
+        srv = self.start_nbdfs([self.image], "-r")
+        want = t.run(["nbdinfo", "--map=qemu:dirty-bitmap:b0", "--json", srv.uri()]).stdout
+        self.assertEqual(seen, want)
+
+    def test_permissions_with_allow_other(self):
+        m = self.mount(self.image, "-o", "allow_other")
+        os.chmod(self.tmp, 0o755)
+
+        def as_nobody(script):
+            return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup",
+                                   "--clear-groups", "sh", "-c", script, "sh",
+                                   m.path("disk.img")],
+                                  capture_output=True, text=True, timeout=30)
+        # Others may read the 0644 export, not write it.
+        p = as_nobody('head -c 4096 "$1" | wc -c')
+        self.assertEqual(p.stdout.strip(), "4096", p.stderr)
+        p = as_nobody('printf x | dd of="$1" conv=notrunc status=none')
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("Permission denied", p.stderr)
+        p = as_nobody('test -w "$1"')
+        self.assertNotEqual(p.returncode, 0)
+        p = as_nobody('truncate -s 1M "$1"')
+        self.assertNotEqual(p.returncode, 0)
+        self.assertEqual(os.stat(m.path("disk.img")).st_size, SIZE)
+
+    def test_parallel_direct_io_on_connections(self):
+        m = self.mount(self.image, "-C", "4")
+        with open(self.image, "rb") as f:
+            expect = f.read()
+        rnd = random.Random(9)
+        blocks = [rnd.randrange(0, SIZE // 4096) * 4096 for _ in range(400)]
+
+        def check(off):
+            fd = os.open(m.path("disk.img"), os.O_RDONLY | os.O_DIRECT)
+            try:
+                buf = mmap.mmap(-1, 65536)     # O_DIRECT wants an aligned buffer
+                n = os.preadv(fd, [buf], off)
+                return off, bytes(buf[:n])
+            finally:
+                os.close(fd)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            for off, data in pool.map(check, blocks):
+                self.assertEqual(data, expect[off:off + len(data)], "at %d" % off)
+
+
+if __name__ == "__main__":
+    t.main()
