@@ -1,6 +1,7 @@
 /* nbdfs serve: the bundled NBD server as a standalone program. */
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -183,6 +184,16 @@ int nbdfs_cmd_serve(int argc, char **argv)
     if (o.verbose) {
         g_setenv("G_MESSAGES_DEBUG", "all", TRUE);
     }
+    /*
+     * glibc gives each thread that allocates its own arena, and freed request
+     * buffers stay resident there: with 16 workers and a reader per client the
+     * server's RSS grew by ~1.5 MiB per client.  Two arenas keep it flat.  A
+     * fixed mmap threshold keeps request-sized buffers (<= 1 MiB) in the heap,
+     * reused without page faults, and gives big ones (block-status replies,
+     * 32 MiB reads) back to the system as soon as they are freed.
+     */
+    mallopt(M_ARENA_MAX, 2);
+    mallopt(M_MMAP_THRESHOLD, 1 << 20);
 
     /* SIGINT/SIGTERM arrive through a signalfd; every thread inherits the block. */
     sigemptyset(&mask);

@@ -21,6 +21,7 @@ NbdsConn *nbds_conn_new(NbdsServer *server, int fd)
     c->server = server;
     c->fd = fd;
     c->mode = NBDS_MODE_SIMPLE;
+    g_mutex_init(&c->send_lock);
     g_mutex_init(&c->lock);
     g_queue_init(&c->out_queue);
     g_cond_init(&c->cond);
@@ -51,6 +52,7 @@ void nbds_conn_free(NbdsConn *c)
     }
     g_free(c->meta_selected);
     g_free(c->peer);
+    g_mutex_clear(&c->send_lock);
     g_mutex_clear(&c->lock);
     g_cond_clear(&c->cond);
     g_free(c);

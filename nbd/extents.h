@@ -31,8 +31,12 @@ typedef struct {
     NbdsExtent *extents;
 } NbdsExtents;
 
-/* Largest number of descriptors in one chunk (QEMU's choice; spec: <= 2^20). */
-#define NBDS_MAX_EXTENTS 131072
+/*
+ * Largest number of descriptors in one chunk (spec: <= 2^20; qemu-nbd: 2^17).
+ * 2^16 keeps a reply under 1 MiB of memory while a whole 1 TiB bitmap with
+ * tens of thousands of dirty runs still fits in one answer.
+ */
+#define NBDS_MAX_EXTENTS 65536
 
 /*
  * A list for [OFFSET, OFFSET + LENGTH) holding at most MAX descriptors

@@ -349,8 +349,13 @@ int nbds_image_next_run(NbdsImage *img, uint64_t offset, uint64_t end, bool *is_
     }
     *run_end = MIN((uint64_t)hole, end);
     g_mutex_lock(&img->run_lock);
-    img->data_start = offset;
-    img->data_end = hole;
+    if ((uint64_t)hole == img->data_end && offset < img->data_start) {
+        /* The same run seen from further back: grow it, so parallel readers converge. */
+        img->data_start = offset;
+    } else if ((uint64_t)hole != img->data_end) {
+        img->data_start = offset;
+        img->data_end = hole;
+    }
     g_mutex_unlock(&img->run_lock);
     return 0;
 

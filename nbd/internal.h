@@ -104,12 +104,13 @@ struct NbdsConn {
     unsigned meta_count;           /* how many are selected */
 
     /*
-     * Transmission (transmission.c, reply.c).  Replies go straight to the
-     * socket without blocking; what the client is not ready to take waits in
-     * out_queue for the connection's writer thread (started the first time),
-     * so a client that stops reading stalls only itself, never a worker.
+     * Transmission (transmission.c, reply.c).  Workers send replies straight
+     * to the socket, waiting a short while at most; what a client is too slow
+     * to take waits in out_queue for the connection's writer thread (started
+     * the first time), so a client that stops reading stalls only itself.
      */
-    GMutex lock;                   /* protects what follows, and the socket's send side */
+    GMutex send_lock;              /* serialises workers' direct sends */
+    GMutex lock;                   /* protects what follows */
     GCond cond;
     unsigned in_flight;            /* requests being run by workers */
     uint64_t in_flight_bytes;      /* their buffers */
@@ -159,7 +160,7 @@ void nbds_work_run(gpointer work, gpointer server);
 bool nbds_reply_ok(NbdsConn *c, const NbdsRequest *req);
 bool nbds_reply_error(NbdsConn *c, const NbdsRequest *req, uint32_t nbd_error,
                       const char *fmt, ...) G_GNUC_PRINTF(4, 5);
-/* Send prepared chunks (headers included); never blocks.  Consumes IOV. */
+/* Send prepared chunks (headers included); blocks briefly at most.  Consumes IOV. */
 bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt);
 /* After the last reply: wait until the queue is on the wire, stop the writer. */
 void nbds_reply_drain(NbdsConn *c);

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 #include "protostrings.h"
@@ -97,32 +98,40 @@ static gpointer writer_thread(gpointer data)
     return NULL;
 }
 
-bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
-{
-    NbdsOutBuf *b;
-    size_t len = 0;
+/*
+ * How long a worker waits for a client to make room in its socket before
+ * leaving the rest of the reply to the connection's writer thread.
+ */
+#define SEND_STALL_MS 100
 
-    g_mutex_lock(&c->lock);
-    if (g_atomic_int_get(&c->broken)) {
-        g_mutex_unlock(&c->lock);
-        return false;
-    }
-    /* Nothing waiting: as much as the socket takes now, without blocking. */
-    while (g_queue_is_empty(&c->out_queue) && iovcnt > 0) {
+/*
+ * Write IOV to the socket until done, an error, or the client has taken
+ * nothing for SEND_STALL_MS.  Returns false on an error; IOV is advanced.
+ */
+static bool send_direct(NbdsConn *c, struct iovec **iovp, int *iovcntp)
+{
+    struct iovec *iov = *iovp;
+    int iovcnt = *iovcntp;
+    bool ok = true;
+
+    while (iovcnt > 0) {
         struct msghdr msg = { .msg_iov = iov, .msg_iovlen = MIN(iovcnt, IOV_MAX) };
         ssize_t r = sendmsg(c->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
 
         if (r < 0) {
+            struct pollfd pfd = { .fd = c->fd, .events = POLLOUT };
             if (errno == EINTR) {
                 continue;
             }
-            if (errno == EAGAIN) {
+            if (errno != EAGAIN) {
+                g_debug("%s: send: %s", c->peer, g_strerror(errno));
+                ok = false;
                 break;
             }
-            g_debug("%s: send: %s", c->peer, g_strerror(errno));
-            mark_broken(c);
-            g_mutex_unlock(&c->lock);
-            return false;
+            if (poll(&pfd, 1, SEND_STALL_MS) == 0) {
+                break;              /* a slow reader: queue the rest */
+            }
+            continue;
         }
         while (iovcnt > 0 && (size_t)r >= iov->iov_len) {
             r -= iov->iov_len;
@@ -134,8 +143,37 @@ bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
             iov->iov_len -= r;
         }
     }
-    if (iovcnt == 0) {
+    *iovp = iov;
+    *iovcntp = iovcnt;
+    return ok;
+}
+
+bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
+{
+    NbdsOutBuf *b;
+    size_t len = 0;
+    bool direct;
+
+    g_mutex_lock(&c->send_lock);
+    g_mutex_lock(&c->lock);
+    if (g_atomic_int_get(&c->broken)) {
         g_mutex_unlock(&c->lock);
+        g_mutex_unlock(&c->send_lock);
+        return false;
+    }
+    /* With nothing queued the socket is ours: only the writer sends queued replies. */
+    direct = g_queue_is_empty(&c->out_queue);
+    g_mutex_unlock(&c->lock);
+
+    if (direct && !send_direct(c, &iov, &iovcnt)) {
+        g_mutex_lock(&c->lock);
+        mark_broken(c);
+        g_mutex_unlock(&c->lock);
+        g_mutex_unlock(&c->send_lock);
+        return false;
+    }
+    if (iovcnt == 0) {
+        g_mutex_unlock(&c->send_lock);
         return true;
     }
     /* The client is slow to read: the rest waits for the writer thread. */
@@ -150,6 +188,7 @@ bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
         memcpy(b->data + len, iov[i].iov_base, iov[i].iov_len);
         len += iov[i].iov_len;
     }
+    g_mutex_lock(&c->lock);
     g_queue_push_tail(&c->out_queue, b);
     c->out_bytes += b->len;
     if (!c->writer) {
@@ -157,6 +196,7 @@ bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
     }
     g_cond_broadcast(&c->cond);
     g_mutex_unlock(&c->lock);
+    g_mutex_unlock(&c->send_lock);
     return true;
 }
 
