@@ -42,6 +42,15 @@ typedef struct {
     char *mountpoint;              /* absolute */
 } MountOptions;
 
+static void mount_options_clear(MountOptions *o)
+{
+    g_free(o->name);
+    g_strfreev(o->fuse_options);
+    g_strfreev(o->args);
+    g_free(o->mountpoint);
+}
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(MountOptions, mount_options_clear)
+
 /* Once the parent is released, messages go to syslog: stderr is gone. */
 static bool log_to_syslog;
 
@@ -406,7 +415,7 @@ static bool validate(MountOptions *o)
 
 int nbdfs_cmd_mount(int argc, char **argv)
 {
-    MountOptions o = { .connections = DEFAULT_CONNECTIONS };
+    g_auto(MountOptions) o = { .connections = DEFAULT_CONNECTIONS };
     const GOptionEntry entries[] = {
         { "read-only", 'r', 0, G_OPTION_ARG_NONE, &o.read_only,
           "Mount read-only (a read-only export always is)", NULL },
@@ -425,7 +434,6 @@ int nbdfs_cmd_mount(int argc, char **argv)
         G_OPTION_ENTRY_NULL
     };
     int ready_fd = -1;
-    int status;
 
     if (!nbdfs_parse_options("mount", "SOURCE MOUNTPOINT",
                              "Mount the NBD export SOURCE (an NBD URI, or a local raw image "
@@ -447,11 +455,5 @@ int nbdfs_cmd_mount(int argc, char **argv)
     if (!o.foreground) {
         ready_fd = daemonize();
     }
-    status = run_mount(&o, ready_fd);
-
-    g_free(o.name);
-    g_strfreev(o.fuse_options);
-    g_strfreev(o.args);
-    g_free(o.mountpoint);
-    return status;
+    return run_mount(&o, ready_fd);
 }
