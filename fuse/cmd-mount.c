@@ -108,69 +108,17 @@ static void fuse_log_func(enum fuse_log_level level, const char *fmt, va_list ap
     }
 }
 
-/*
- * Fork: the parent waits until the child writes a byte (the mount is ready)
- * and exits 0, or sees EOF (the child failed and said why) and exits 1.
- * Returns the pipe's write end in the child.
- */
-static int daemonize(void)
-{
-    int pipefd[2];
-    pid_t pid;
-    char c;
-
-    if (pipe2(pipefd, O_CLOEXEC) < 0) {
-        nbdfs_error("mount", "pipe: %s", g_strerror(errno));
-        exit(1);
-    }
-    pid = fork();
-    if (pid < 0) {
-        nbdfs_error("mount", "fork: %s", g_strerror(errno));
-        exit(1);
-    }
-    if (pid > 0) {
-        ssize_t r;
-        close(pipefd[1]);
-        do {
-            r = read(pipefd[0], &c, 1);
-        } while (r < 0 && errno == EINTR);
-        if (r == 1) {
-            exit(0);
-        }
-        waitpid(pid, NULL, 0);     /* its mount, if any, is gone when it exits */
-        exit(1);
-    }
-    close(pipefd[0]);
-    setsid();
-    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
-    if (null >= 0) {
-        dup2(null, STDIN_FILENO);
-        close(null);
-    }
-    return pipefd[1];
-}
-
 /* Background mode: tell the parent the mount works, and let go of its terminal. */
 static void release_parent(NbdfsMount *m)
 {
-    int null;
-
     if (m->ready_fd < 0) {
         return;
     }
     openlog("nbdfs", LOG_PID, LOG_DAEMON);
     log_to_syslog = true;
-    null = open("/dev/null", O_RDWR | O_CLOEXEC);
-    if (null >= 0) {
-        dup2(null, STDOUT_FILENO);
-        dup2(null, STDERR_FILENO);
-        close(null);
-    }
-    if (write(m->ready_fd, "", 1) != 1) {
+    if (!nbdfs_daemon_ready(&m->ready_fd, false)) {
         g_warning("cannot tell the parent process the mount is ready: %s", g_strerror(errno));
     }
-    close(m->ready_fd);
-    m->ready_fd = -1;
 }
 
 void nbdfs_session_init(void *userdata, struct fuse_conn_info *conn)
@@ -453,7 +401,7 @@ int nbdfs_cmd_mount(int argc, char **argv)
 
     /* Before any thread exists: the in-process server and libnbd start them later. */
     if (!o.foreground) {
-        ready_fd = daemonize();
+        ready_fd = nbdfs_daemonize("mount");
     }
     return run_mount(&o, ready_fd);
 }

@@ -62,42 +62,6 @@ static bool write_pid_file(const char *path, GError **error)
     return g_file_set_contents(path, text, -1, error);
 }
 
-/*
- * --fork: the parent waits until the child is listening and has written its
- * pid file, then exits 0, so a script may connect as soon as we return.
- * Returns the write end of the ready pipe in the child.
- */
-static int daemonize(void)
-{
-    int pipefd[2];
-    pid_t pid;
-    char c;
-
-    if (pipe2(pipefd, O_CLOEXEC) < 0) {
-        nbdfs_error("serve", "pipe: %s", g_strerror(errno));
-        exit(1);
-    }
-    pid = fork();
-    if (pid < 0) {
-        nbdfs_error("serve", "fork: %s", g_strerror(errno));
-        exit(1);
-    }
-    if (pid > 0) {
-        close(pipefd[1]);
-        /* One byte means ready; EOF means the child failed (it said why). */
-        exit(read(pipefd[0], &c, 1) == 1 ? 0 : 1);
-    }
-    close(pipefd[0]);
-    setsid();
-    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
-    if (null >= 0) {
-        dup2(null, STDIN_FILENO);
-        dup2(null, STDOUT_FILENO);
-        close(null);
-    }
-    return pipefd[1];
-}
-
 static bool validate(const ServeOptions *o, int n_activation)
 {
     guint64 v;
@@ -236,7 +200,7 @@ int nbdfs_cmd_serve(int argc, char **argv)
     }
 
     if (o.fork) {
-        ready_fd = daemonize();
+        ready_fd = nbdfs_daemonize("serve");
     }
     if (o.pid_file && !write_pid_file(o.pid_file, &error)) {
         nbdfs_error("serve", "--pid-file: %s", error->message);
@@ -249,20 +213,10 @@ int nbdfs_cmd_serve(int argc, char **argv)
         status = 1;
         goto out;
     }
-    if (ready_fd >= 0) {
-        /* Detached for good: the caller's pipes must not wait for us (keep them with -v). */
-        if (!o.verbose) {
-            int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
-            if (null >= 0) {
-                dup2(null, STDERR_FILENO);
-                close(null);
-            }
-        }
-        if (write(ready_fd, "", 1) != 1) {
-            status = 1;
-            goto out;
-        }
-        close(ready_fd);
+    /* Only now: the parent's caller may connect as soon as it returns. */
+    if (ready_fd >= 0 && !nbdfs_daemon_ready(&ready_fd, o.verbose)) {
+        status = 1;
+        goto out;
     }
 
     nbds_server_run(server, stop_fd);

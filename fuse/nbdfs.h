@@ -2,6 +2,8 @@
 #ifndef NBDFS_H
 #define NBDFS_H
 
+#include <stdbool.h>
+
 #include <glib.h>
 
 /* Each subcommand's entry point: argv[0] is the subcommand's name. */
@@ -19,5 +21,14 @@ void nbdfs_error(const char *subcommand, const char *fmt, ...) G_GNUC_PRINTF(2, 
  */
 gboolean nbdfs_parse_options(const char *subcommand, const char *params, const char *summary,
                              const GOptionEntry *entries, int *argc, char ***argv);
+
+/*
+ * Fork; the parent exits once the child calls nbdfs_daemon_ready() (0) or
+ * dies (1).  Returns the child's end of the ready pipe.  Call before any
+ * thread starts.
+ */
+int nbdfs_daemonize(const char *subcommand);
+/* Tell the waiting parent we are ready; stdout (and stderr unless KEEP_STDERR) go away. */
+bool nbdfs_daemon_ready(int *ready_fd, bool keep_stderr);
 
 #endif /* NBDFS_H */

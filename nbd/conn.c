@@ -107,6 +107,24 @@ bool nbds_conn_read(NbdsConn *c, void *buf, size_t len)
     return true;
 }
 
+void nbds_iov_advance(struct iovec **iovp, int *iovcntp, size_t n)
+{
+    struct iovec *iov = *iovp;
+    int iovcnt = *iovcntp;
+
+    while (iovcnt > 0 && n >= iov->iov_len) {
+        n -= iov->iov_len;
+        iov++;
+        iovcnt--;
+    }
+    if (iovcnt > 0) {
+        iov->iov_base = (char *)iov->iov_base + n;
+        iov->iov_len -= n;
+    }
+    *iovp = iov;
+    *iovcntp = iovcnt;
+}
+
 bool nbds_conn_writev(NbdsConn *c, struct iovec *iov, int iovcnt)
 {
     while (iovcnt > 0) {
@@ -129,15 +147,7 @@ bool nbds_conn_writev(NbdsConn *c, struct iovec *iov, int iovcnt)
             g_debug("%s: send: %s", c->peer, g_strerror(errno));
             return false;
         }
-        while (iovcnt > 0 && (size_t)r >= iov->iov_len) {
-            r -= iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (iovcnt > 0) {
-            iov->iov_base = (char *)iov->iov_base + r;
-            iov->iov_len -= r;
-        }
+        nbds_iov_advance(&iov, &iovcnt, r);
     }
     return true;
 }

@@ -129,6 +129,8 @@ bool nbds_conn_read(NbdsConn *c, void *buf, size_t len);
 bool nbds_conn_write(NbdsConn *c, const void *buf, size_t len);
 /* Consumes IOV: its entries are advanced as bytes are sent. */
 bool nbds_conn_writev(NbdsConn *c, struct iovec *iov, int iovcnt);
+/* Step IOV past N bytes that were sent (empties skipped, a partial entry trimmed). */
+void nbds_iov_advance(struct iovec **iov, int *iovcnt, size_t n);
 /* Read and discard LEN bytes without allocating LEN. */
 bool nbds_conn_skip(NbdsConn *c, uint64_t len);
 

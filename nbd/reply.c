@@ -133,15 +133,7 @@ static bool send_direct(NbdsConn *c, struct iovec **iovp, int *iovcntp)
             }
             continue;
         }
-        while (iovcnt > 0 && (size_t)r >= iov->iov_len) {
-            r -= iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (iovcnt > 0) {
-            iov->iov_base = (char *)iov->iov_base + r;
-            iov->iov_len -= r;
-        }
+        nbds_iov_advance(&iov, &iovcnt, r);
     }
     *iovp = iov;
     *iovcntp = iovcnt;
