@@ -1,10 +1,13 @@
 """Faults and load through a mount: a full disk under the image reaches the
 program writing through the mount as ENOSPC, and 8 parallel writers through
 one mount lose nothing."""
+import errno
 import os
 import random
+import signal
 import subprocess
 import threading
+import time
 
 import nbdfs_test
 from nbdfs_test import run
@@ -76,6 +79,29 @@ class MountFaults(nbdfs_test.TestCase):
         with open(img, "rb") as f:
             for i in range(writers):
                 self.assertEqual(f.read(region), bytes(shadows[i]), "region %d in the image" % i)
+
+    def test_reconnect_refuses_an_export_of_another_size(self):
+        img = nbdfs_test.make_image(self.path("disk.img"), 16 * MiB, [(0, b"a" * MiB)])
+        srv = self.start_qemu_nbd(img)
+        m = self.mount(srv.uri())
+        fd = os.open(m.path("disk"), os.O_RDONLY | os.O_DIRECT)
+        self.addCleanup(os.close, fd)
+        srv.stop(signal.SIGKILL)
+        os.unlink(srv.sock)
+        other = nbdfs_test.make_image(self.path("other.img"), 32 * MiB, [(0, b"b" * MiB)])
+        srv2 = self.start_qemu_nbd(other)
+        self.assertEqual(srv2.sock, srv.sock)
+        # Several back-off rounds later, the mount still refuses the other export.
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            with self.assertRaises(OSError) as cm:
+                os.pread(fd, 4096, 0)
+            self.assertEqual(cm.exception.errno, errno.EIO)
+            time.sleep(0.5)
+        try:
+            self.assertEqual(os.stat(m.path("disk")).st_size, 16 * MiB)
+        except OSError as e:       # no connection: attributes fail too, they never change
+            self.assertEqual(e.errno, errno.EIO)
 
 
 if __name__ == "__main__":
