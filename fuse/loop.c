@@ -41,6 +41,7 @@ typedef struct {
     int epfd;
     int nbd_fd;                    /* registered socket, -1 when none */
     uint32_t nbd_events;
+    unsigned socket_turns;         /* times a nested wait drove the socket */
     struct fuse_buf fbuf;
 } LoopThread;
 
@@ -165,6 +166,7 @@ void nbdfs_loop_wait(NbdfsMount *m, bool (*done)(gpointer), gpointer data)
         }
         if (pfd[0].fd >= 0 && pfd[0].revents) {
             drive_socket(c, wanted, pfd[0].revents);
+            current->socket_turns++;
         }
     }
     (void)m;
@@ -231,6 +233,7 @@ static gpointer loop_thread(gpointer data)
 
     current = t;
     while (!fuse_session_exited(se)) {
+        unsigned turns;
         int n;
         update_socket(t);
         n = epoll_wait(t->epfd, events, G_N_ELEMENTS(events), -1);
@@ -241,10 +244,19 @@ static gpointer loop_thread(gpointer data)
             }
             continue;
         }
+        turns = t->socket_turns;
         for (int i = 0; i < n; i++) {
             switch (events[i].data.u32) {
             case SOURCE_NBD:
-                drive_socket(t->conn, (short)t->nbd_events, (short)events[i].events);
+                /*
+                 * Only if no nested wait drove the socket since epoll_wait: its
+                 * data may be gone, and libnbd told "readable" on an empty
+                 * socket waits there for a reply while it queues new requests
+                 * unsent.  The next epoll_wait reports it again if need be.
+                 */
+                if (t->socket_turns == turns) {
+                    drive_socket(t->conn, (short)t->nbd_events, (short)events[i].events);
+                }
                 break;
             case SOURCE_WAKE:
                 drain_wake(t->conn);

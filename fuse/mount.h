@@ -2,7 +2,8 @@
  * Internal interfaces of `nbdfs mount` (and the connection code `nbdfs info`
  * shares), grouped by the file that defines them.  Reading order:
  * cmd-mount.c (command line, daemon, FUSE session) -> nbd-client.c (libnbd
- * handles, event loops, completion -> reply) -> block-status.c (extent
+ * handles, reconnection, completion -> reply) -> loop.c (the worker
+ * threads) -> write-behind.c (writes in flight) -> block-status.c (extent
  * queries over extent-cache.c) -> inodes.c (the fixed tree) -> ops-export.c
  * (the export file) -> ops-dirty.c (the dirty/ files).
  *
@@ -10,7 +11,8 @@
  * requests and issues their NBD commands on its own connection; the replies
  * come back to the same thread, whose completion callbacks answer FUSE.
  * Operations that need an answer before they can reply (lseek, st_blocks,
- * the dirty files) drive their own connection in a nested loop meanwhile.
+ * the dirty files, a write over one still in flight) drive their own
+ * connection in a nested loop meanwhile.
  */
 #ifndef NBDFS_MOUNT_H
 #define NBDFS_MOUNT_H
