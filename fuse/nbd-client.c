@@ -75,6 +75,23 @@ int nbdfs_errno(int err)
 
 /* ---- sources ---- */
 
+/*
+ * A 1 MiB write should leave in one send(2) from the thread that issues it:
+ * a default unix socket buffer (about 200 KiB) makes the event loop finish
+ * the job after several wake-ups.  Privileged users may go past wmem_max.
+ */
+static void enlarge_socket_buffers(int fd)
+{
+    int size = SOCKET_BUFFER;
+
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size)) < 0) {
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+    }
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof(size)) < 0) {
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
+    }
+}
+
 NbdfsSource *nbdfs_source_open(const char *spec, bool read_only, GError **error)
 {
     g_autoptr(NbdfsSource) src = g_new0(NbdfsSource, 1);
@@ -170,6 +187,8 @@ bool nbdfs_source_connect(NbdfsSource *src, struct nbd_handle *h, GError **error
                         g_strerror(errno));
             return false;
         }
+        /* The server's replies to large reads should fit its end too. */
+        enlarge_socket_buffers(sv[0]);
         nbds_server_serve_fd(src->server, sv[0]);
         r = nbd_aio_connect_socket(h, sv[1]);
     } else {
@@ -252,23 +271,6 @@ static int conn_issued(NbdfsConn *c, int64_t r)
         nbdfs_conn_wake(c);
     }
     return 0;
-}
-
-/*
- * A 1 MiB write should leave in one send(2) from the thread that issues it:
- * a default unix socket buffer (about 200 KiB) makes the event loop finish
- * the job after several wake-ups.  Privileged users may go past wmem_max.
- */
-static void enlarge_socket_buffers(int fd)
-{
-    int size = SOCKET_BUFFER;
-
-    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size)) < 0) {
-        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
-    }
-    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof(size)) < 0) {
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
-    }
 }
 
 static NbdfsConn *conn_new(struct nbd_handle *h, unsigned index, GError **error)

@@ -9,6 +9,7 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -58,6 +59,18 @@ NbdsImage *nbds_image_open(const char *path, bool read_only, GError **error)
         g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno), "%s: %s", path,
                     g_strerror(errno));
         return NULL;
+    }
+    /*
+     * Keep the canonical path: the bitmap sidecar is found from it, and a
+     * caller may change directory later (a daemonized mount chdirs to /).
+     */
+    {
+        char *canon = realpath(path, NULL);
+        if (canon) {
+            g_free(img->path);
+            img->path = g_strdup(canon);
+            free(canon);
+        }
     }
     if (S_ISREG(st.st_mode)) {
         img->size = st.st_size;
