@@ -21,7 +21,6 @@ struct NbdsImage {
     char *path;
     int fd;
     uint64_t size;
-    bool read_only;
     bool is_block_device;
     /* Cleared on the first EOPNOTSUPP/EINVAL so later calls skip straight to the fallback. */
     gint can_seek_data;
@@ -44,7 +43,6 @@ NbdsImage *nbds_image_open(const char *path, bool read_only, GError **error)
     struct stat st;
 
     img->path = g_strdup(path);
-    img->read_only = read_only;
     img->can_seek_data = img->can_punch = img->can_zero_range = img->can_dsync = 1;
     g_mutex_init(&img->run_lock);
     img->fd = open(path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOCTTY);
@@ -122,7 +120,6 @@ static void forget_data_run(NbdsImage *img)
 
 const char *nbds_image_path(const NbdsImage *img) { return img->path; }
 uint64_t nbds_image_size(const NbdsImage *img) { return img->size; }
-bool nbds_image_read_only(const NbdsImage *img) { return img->read_only; }
 int nbds_image_fd(const NbdsImage *img) { return img->fd; }
 
 int nbds_image_pread(NbdsImage *img, void *buf, uint64_t len, uint64_t offset)

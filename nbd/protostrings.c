@@ -44,17 +44,6 @@ const char *nbds_rep_name(uint32_t reply)
     }
 }
 
-const char *nbds_info_name(uint16_t info)
-{
-    switch (info) {
-    NAME(NBDS_INFO_, EXPORT);
-    NAME(NBDS_INFO_, NAME);
-    NAME(NBDS_INFO_, DESCRIPTION);
-    NAME(NBDS_INFO_, BLOCK_SIZE);
-    default: return "unknown info";
-    }
-}
-
 const char *nbds_cmd_name(uint16_t type)
 {
     switch (type) {
@@ -67,20 +56,6 @@ const char *nbds_cmd_name(uint16_t type)
     NAME(NBDS_CMD_, WRITE_ZEROES);
     NAME(NBDS_CMD_, BLOCK_STATUS);
     default: return "unknown command";
-    }
-}
-
-const char *nbds_reply_type_name(uint16_t type)
-{
-    switch (type) {
-    NAME(NBDS_REPLY_TYPE_, NONE);
-    NAME(NBDS_REPLY_TYPE_, OFFSET_DATA);
-    NAME(NBDS_REPLY_TYPE_, OFFSET_HOLE);
-    NAME(NBDS_REPLY_TYPE_, BLOCK_STATUS);
-    NAME(NBDS_REPLY_TYPE_, BLOCK_STATUS_EXT);
-    NAME(NBDS_REPLY_TYPE_, ERROR);
-    NAME(NBDS_REPLY_TYPE_, ERROR_OFFSET);
-    default: return "unknown chunk type";
     }
 }
 

@@ -6,9 +6,7 @@
 
 const char *nbds_opt_name(uint32_t option);
 const char *nbds_rep_name(uint32_t reply);
-const char *nbds_info_name(uint16_t info);
 const char *nbds_cmd_name(uint16_t type);
-const char *nbds_reply_type_name(uint16_t type);
 const char *nbds_err_name(uint32_t error);
 
 #endif /* NBDS_PROTOSTRINGS_H */

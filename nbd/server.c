@@ -118,9 +118,6 @@ NbdsExport *nbds_server_add_export(NbdsServer *s, const char *path, GError **err
     return exp;
 }
 
-const char *nbds_export_name(const NbdsExport *exp) { return exp->name; }
-uint64_t nbds_export_size(const NbdsExport *exp) { return nbds_image_size(exp->image); }
-
 uint16_t nbds_export_flags(const NbdsExport *exp)
 {
     /*

@@ -60,8 +60,4 @@ bool nbds_server_shutdown(NbdsServer *server);
 void nbds_server_free(NbdsServer *server);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(NbdsServer, nbds_server_free)
 
-/* Export accessors. */
-const char *nbds_export_name(const NbdsExport *exp);
-uint64_t nbds_export_size(const NbdsExport *exp);
-
 #endif /* NBDS_SERVER_H */
