@@ -80,10 +80,7 @@ class ServeErrors(nbdfs_test.TestCase):
                 self.assertFalse(os.path.exists(sock), "socket left behind")
 
     def test_read_only_file_system_suggests_read_only(self):
-        ro = self.path("ro")
-        os.mkdir(ro)
-        run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", ro])
-        self.addCleanup(run, ["umount", "-l", ro])
+        ro = self.small_tmpfs("ro", "4m")
         img = nbdfs_test.make_image(os.path.join(ro, "ro.img"), MiB)
         run(["mount", "-o", "remount,ro", ro])
         p = run([NBDFS, "serve", "-U", self.path("s.sock"), img], check=False, timeout=10)

@@ -110,10 +110,7 @@ class ServerFaults(nbdfs_test.TestCase):
         s.close()
 
     def test_disk_full_is_enospc_and_nothing_else_breaks(self):
-        mnt = self.path("small")
-        os.mkdir(mnt)
-        run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", mnt])
-        self.addCleanup(run, ["umount", "-l", mnt])
+        mnt = self.small_tmpfs("small", "8m")
         img = nbdfs_test.make_image(os.path.join(mnt, "disk.img"), 64 * MiB)
         srv = self.start_nbdfs([img])
         h = nbd.NBD()

@@ -18,10 +18,7 @@ MiB = 1024 * 1024
 class MountFaults(nbdfs_test.TestCase):
 
     def test_disk_full_reaches_the_writer_as_enospc(self):
-        small = self.path("small")
-        os.mkdir(small)
-        run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", small])
-        self.addCleanup(run, ["umount", "-l", small])
+        small = self.small_tmpfs("small", "8m")
         img = nbdfs_test.make_image(os.path.join(small, "disk.img"), 64 * MiB)
         m = self.mount(img)
         p = subprocess.run(["dd", "if=/dev/urandom", "of=" + m.path("disk.img"), "bs=1M",

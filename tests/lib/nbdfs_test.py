@@ -125,6 +125,14 @@ class TestCase(unittest.TestCase):
     def path(self, name):
         return os.path.join(self.tmp, name)
 
+    def small_tmpfs(self, name, size):
+        """A tmpfs of SIZE (e.g. "8m") at TMP/NAME, unmounted by the cleanup."""
+        path = self.path(name)
+        os.mkdir(path)
+        run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", path])
+        self.addCleanup(run, ["umount", "-l", path])
+        return path
+
     def start_nbdfs(self, images, *args, name="nbdfs"):
         """'nbdfs serve' on a unix socket in the test's directory."""
         sock = self.path(name + ".sock")
