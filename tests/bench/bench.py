@@ -103,6 +103,9 @@ MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
 
+sys.path.insert(0, os.path.join(TOP, "tests", "lib"))
+import nbdfs_test  # noqa: E402
+
 ALL_WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "B1", "B2"]
 
 
@@ -117,51 +120,17 @@ class BenchError(Exception):
 # ---------------------------------------------------------------------------------------
 # Processes, mounts, bounded waits, cleanup
 
-def unescape_mountinfo(s):
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 3 < len(s) and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
-def is_mounted(path):
-    path = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                if unescape_mountinfo(line.split()[4]) == path:
-                    return True
-    except OSError:
-        pass
-    return False
+# Mount and socket probes are the test suite's (tests/lib/nbdfs_test.py).
+is_mounted = nbdfs_test.is_mounted
+socket_ready = nbdfs_test.unix_socket_ready
 
 
 def wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise BenchError("timed out after %gs waiting for %s" % (timeout, what))
-
-
-def socket_ready(path):
-    if not os.path.exists(path):
-        return False
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """nbdfs_test.wait_for, failing with BenchError (a benchmark error, not a test's)."""
     try:
-        s.settimeout(1)
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+        nbdfs_test.wait_for(pred, timeout, what)
+    except AssertionError as e:
+        raise BenchError(str(e)) from None
 
 
 def run(argv, timeout=120, check=True, input=None):
