@@ -65,7 +65,7 @@ int nbdfs_status_at(NbdfsMount *m, NbdfsContext *ctx, uint64_t offset, uint64_t 
 
     g_assert(offset < m->size);
     /* Writes answered early must be in what the server says (and in the cache). */
-    nbdfs_pending_drain(m, false);
+    nbdfs_pending_drain(m);
     if (!ctx->served) {
         *status = 0;               /* data, allocated, clean */
         *end = m->size;
@@ -210,6 +210,14 @@ int nbdfs_counted_bytes(NbdfsMount *m, NbdfsContext *ctx, uint64_t *bytes)
     g_mutex_unlock(&ctx->total_lock);
     *bytes = d.total;
     return 0;
+}
+
+void nbdfs_contexts_forget(NbdfsMount *m)
+{
+    nbdfs_extent_cache_clear(m->allocation->cache);
+    for (guint i = 0; i < m->bitmaps->len; i++) {
+        nbdfs_extent_cache_clear(((NbdfsContext *)g_ptr_array_index(m->bitmaps, i))->cache);
+    }
 }
 
 void nbdfs_contexts_changed(NbdfsMount *m, uint64_t offset, uint64_t length)

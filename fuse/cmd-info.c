@@ -129,12 +129,12 @@ static ExportInfo *query_export(struct nbd_handle *h, const ExportEntry *entry, 
                                   h, (nbd_context_callback){ .callback = collect_context,
                                                              .user_data = info->contexts },
                                   nbdfs_option_callback(&opt)),
-                           &opt, "NBD_OPT_LIST_META_CONTEXT", &error)) {
+                           &opt, "NBD_OPT_LIST_META_CONTEXT", NBDFS_DEFAULT_TIMEOUT, &error)) {
         g_debug("%s", error->message);
         g_clear_error(&error);
     }
     if (!nbdfs_option_wait(h, nbd_aio_opt_info(h, nbdfs_option_callback(&opt)), &opt,
-                           "NBD_OPT_INFO", &error)) {
+                           "NBD_OPT_INFO", NBDFS_DEFAULT_TIMEOUT, &error)) {
         info->error = g_strdup(error->message);
         return info;
     }
@@ -298,11 +298,11 @@ static void end_negotiation(struct nbd_handle *h)
 /* Connect to SPEC: a local image is opened read-write if it can be, else read-only. */
 static NbdfsSource *open_source(const char *spec, GError **error)
 {
-    NbdfsSource *src = nbdfs_source_open(spec, false, error);
+    NbdfsSource *src = nbdfs_source_open(spec, false, NULL, error);
 
     if (!src && g_error_matches(*error, G_IO_ERROR, G_IO_ERROR_PERMISSION_DENIED)) {
         g_clear_error(error);
-        src = nbdfs_source_open(spec, true, error);
+        src = nbdfs_source_open(spec, true, NULL, error);
     }
     return src;
 }
@@ -351,7 +351,7 @@ int nbdfs_cmd_info(int argc, char **argv)
         goto out;
     }
     nbd_set_full_info(h, true);
-    if (!nbdfs_source_connect(src, h, &error)) {
+    if (!nbdfs_source_connect(src, h, NBDFS_DEFAULT_TIMEOUT, -1, &error)) {
         nbdfs_error("info", "%s: %s", spec, error->message);
         goto out;
     }
@@ -364,7 +364,7 @@ int nbdfs_cmd_info(int argc, char **argv)
                                                            .callback = collect_export,
                                                            .user_data = entries_found },
                                                    nbdfs_option_callback(&opt)),
-                               &opt, "NBD_OPT_LIST", &error)) {
+                               &opt, "NBD_OPT_LIST", NBDFS_DEFAULT_TIMEOUT, &error)) {
             /* The server will not list: describe the export the source names. */
             char *name = nbd_get_export_name(h);
             g_debug("%s", error->message);

@@ -2,9 +2,12 @@
  * nbdfs mount: the command line, the daemon and the FUSE session ladder.
  *
  *   parse and check arguments -> fork (the parent waits on a pipe) ->
- *   open the source and connect -> fuse_session_new -> mount -> event loops
- *   -> FUSE init (parent released: the mount is usable) -> loop until
- *   unmounted -> disconnect, flush, exit 0.
+ *   open the source and connect -> fuse_session_new -> mount -> control
+ *   socket -> I/O threads -> FUSE threads -> FUSE init (parent released:
+ *   the mount is usable) -> until unmounted or signalled -> the orderly
+ *   stop (loop.c) -> unmount, destroy the session -> release the image ->
+ *   report to `nbdfs umount` -> exit 0 only if every write reached the
+ *   server.
  *
  * Every failure before the parent is released prints one line naming the
  * culprit and leaves no mount behind; the parent exits non-zero.
@@ -17,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <syslog.h>
@@ -27,6 +31,7 @@
 
 #define DEFAULT_CONNECTIONS 4
 #define MAX_CONNECTIONS 64
+#define MAX_TIMEOUT 86400
 /* FUSE requests the kernel may keep in flight for us (readahead, async direct I/O). */
 #define MAX_BACKGROUND 64
 #define READAHEAD NBDFS_MAX_FUSE_IO
@@ -36,6 +41,8 @@ typedef struct {
     gboolean foreground;
     gboolean verbose;
     gint connections;
+    gint timeout;
+    char *format;
     char *name;
     char **fuse_options;
     char **args;
@@ -46,6 +53,7 @@ typedef struct {
 static void mount_options_clear(MountOptions *o)
 {
     g_free(o->name);
+    g_free(o->format);
     g_strfreev(o->fuse_options);
     g_strfreev(o->args);
     g_free(o->mountpoint);
@@ -140,48 +148,18 @@ void nbdfs_session_init(void *userdata, struct fuse_conn_info *conn)
     release_parent(m);
 }
 
-/* The device ("MAJOR:MINOR") of the topmost mount on MOUNTPOINT, or NULL. */
-static char *mounted_device(const char *mountpoint)
-{
-    g_autofree char *mountinfo = NULL;
-    g_auto(GStrv) lines = NULL;
-    char *device = NULL;
-
-    if (!g_file_get_contents("/proc/self/mountinfo", &mountinfo, NULL, NULL)) {
-        return NULL;
-    }
-    lines = g_strsplit(mountinfo, "\n", -1);
-    for (char **l = lines; *l; l++) {
-        g_auto(GStrv) fields = g_strsplit(*l, " ", 6);
-        g_autofree char *point = NULL;
-        if (g_strv_length(fields) < 6) {
-            continue;
-        }
-        point = g_strcompress(fields[4]);   /* "\040" escapes */
-        if (strcmp(point, mountpoint) == 0) {
-            g_free(device);
-            device = g_strdup(fields[2]);
-        }
-    }
-    return device;
-}
-
 /*
  * The kernel reads ahead at most read_ahead_kb of our BDI: 128 KiB by
  * default, so a sequential reader's requests stay small.  READAHEAD lets them
  * grow to NBDFS_MAX_FUSE_IO (more readahead was measured to help one reader
  * little and several readers not at all).
  */
-static void tune_readahead(const char *mountpoint)
+static void tune_readahead(const char *device)
 {
-    g_autofree char *device = mounted_device(mountpoint);
     g_autofree char *path = NULL;
     g_autofree char *kb = NULL;
     int fd;
 
-    if (!device) {
-        return;
-    }
     path = g_strdup_printf("/sys/class/bdi/%s/read_ahead_kb", device);
     kb = g_strdup_printf("%u\n", READAHEAD / 1024);
     fd = open(path, O_WRONLY | O_CLOEXEC);
@@ -225,33 +203,81 @@ static char *choose_file_name(const MountOptions *o, const NbdfsMount *m)
     return g_strdup("disk");
 }
 
+static NbdfsMount *mount_new(const MountOptions *o, int ready_fd)
+{
+    NbdfsMount *m = g_new0(NbdfsMount, 1);
+
+    m->ready_fd = ready_fd;
+    m->timeout = o->timeout;
+    m->mountpoint = g_strdup(o->mountpoint);
+    m->pending = nbdfs_pending_new();
+    m->ended_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    m->control_fd = -1;
+    m->reconnect_cancel_fd = -1;
+    g_mutex_init(&m->ios_lock);
+    g_cond_init(&m->ios_cond);
+    g_mutex_init(&m->files_lock);
+    g_mutex_init(&m->reconnect_lock);
+    g_cond_init(&m->reconnect_cond);
+    clock_gettime(CLOCK_REALTIME, &m->start_time);
+    return m;
+}
+
+/*
+ * Release the connections and the source: a local image is flushed, its
+ * bitmaps saved and its lock released.  False if flushing it failed.
+ */
+static bool mount_release(NbdfsMount *m)
+{
+    bool ok;
+
+    nbdfs_client_stop_reconnect(m);
+    nbdfs_client_stop(m);
+    ok = nbdfs_source_shutdown(m->source);
+    g_clear_pointer(&m->source, nbdfs_source_free);
+    return ok;
+}
+
 static void mount_free(NbdfsMount *m)
 {
-    nbdfs_client_stop(m);          /* completes the writes still in flight */
-    nbdfs_source_free(m->source);
     nbdfs_pending_free(m->pending);
     if (m->bitmaps) {
         g_ptr_array_unref(m->bitmaps);
     }
     nbdfs_context_free(m->allocation);
+    nbdfs_export_identity_clear(&m->identity);
     g_free(m->export_name);
     g_free(m->file_name);
+    g_free(m->mountpoint);
     if (m->ready_fd >= 0) {
         close(m->ready_fd);
     }
+    if (m->ended_fd >= 0) {
+        close(m->ended_fd);
+    }
+    g_mutex_clear(&m->ios_lock);
+    g_cond_clear(&m->ios_cond);
+    g_mutex_clear(&m->files_lock);
+    g_mutex_clear(&m->reconnect_lock);
+    g_cond_clear(&m->reconnect_cond);
     g_free(m);
 }
 
-/* Everything after the fork; returns the exit status. */
+/*
+ * Everything after the fork; returns the exit status: 0 only if every write
+ * reached the server (and the local image was flushed and released).
+ */
 static int run_mount(const MountOptions *o, int ready_fd)
 {
-    NbdfsMount *m = g_new0(NbdfsMount, 1);
+    NbdfsMount *m = mount_new(o, ready_fd);
     struct fuse_args args = FUSE_ARGS_INIT(0, NULL);
     g_autofree char *defaults = NULL;
+    g_autofree char *device = NULL;
     g_autoptr(GError) error = NULL;
+    g_autoptr(GString) messages = g_string_new(NULL);
     struct fuse_session *se = NULL;
     sigset_t stop_signals;
-    int status = 1;
+    bool ran = false, ok = false;
 
     /* Before any thread starts: stop signals arrive through the main loop's signalfd. */
     sigemptyset(&stop_signals);
@@ -260,10 +286,7 @@ static int run_mount(const MountOptions *o, int ready_fd)
     sigaddset(&stop_signals, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
 
-    m->ready_fd = ready_fd;
-    m->pending = nbdfs_pending_new();
-    clock_gettime(CLOCK_REALTIME, &m->start_time);
-    m->source = nbdfs_source_open(o->source, o->read_only, &error);
+    m->source = nbdfs_source_open(o->source, o->read_only, o->format, &error);
     if (!m->source) {
         nbdfs_error("mount", "%s", error->message);
         goto out;
@@ -301,30 +324,52 @@ static int run_mount(const MountOptions *o, int ready_fd)
         goto out_session;          /* libfuse said why */
     }
     m->session = se;
-    tune_readahead(o->mountpoint);
+    if (nbdfs_mountinfo_find(o->mountpoint, &device, NULL)) {
+        tune_readahead(device);
+        if (!nbdfs_control_listen(m, device, &error)) {
+            g_warning("%s; 'nbdfs umount' cannot wait for this mount", error->message);
+            g_clear_error(&error);
+        }
+    }
     if (ready_fd >= 0 && chdir("/") < 0) {
         g_debug("chdir /: %s", g_strerror(errno));
     }
-
-    if (!m->source->image) {
-        nbdfs_client_start_reconnect(m);
+    if (!nbdfs_client_start(m, &error) || !nbdfs_client_start_reconnect(m, &error)) {
+        nbdfs_error("mount", "%s", error->message);
+        fuse_session_unmount(se);
+        goto out_session;
     }
-    if (nbdfs_loop_run(m, &stop_signals, &error) < 0) {
-        g_warning("%s: %s", o->mountpoint, error->message);
+    ran = true;
+    ok = nbdfs_loop_run(m, &stop_signals, &error) == 0;
+    if (!ok) {
+        g_string_append_printf(messages, "%s\n", error->message);
     }
-    nbdfs_client_stop_reconnect(m);
-    status = 0;                    /* unmounted (or signalled): a clean exit */
     fuse_session_unmount(se);
 out_session:
     fuse_session_destroy(se);
 out:
+    if (ran) {
+        /* What became of the writes, once the session can take no more. */
+        ok &= nbdfs_files_final_report(m, messages);
+    }
+    if (!mount_release(m) && ran) {
+        g_string_append(messages, "flushing the image failed\n");
+        ok = false;
+    }
+    if (messages->len) {
+        g_auto(GStrv) lines = g_strsplit(g_strchomp(messages->str), "\n", -1);
+        for (char **l = lines; *l; l++) {
+            g_warning("%s", *l);
+        }
+    }
+    /* Last: whoever waits in 'nbdfs umount' may use the image at once. */
+    nbdfs_control_finish(m, messages->str, ok ? 0 : 1);
     mount_free(m);
-    return status;
+    return ok ? 0 : 1;
 }
 
 static bool validate(MountOptions *o)
 {
-    g_autofree char *device = NULL;
     struct stat st;
     char *abs;
 
@@ -336,6 +381,14 @@ static bool validate(MountOptions *o)
     if (o->connections < 1 || o->connections > MAX_CONNECTIONS) {
         nbdfs_error("mount", "--connections: must be between 1 and %d, not %d",
                     MAX_CONNECTIONS, o->connections);
+        return false;
+    }
+    if (o->timeout < 1 || o->timeout > MAX_TIMEOUT) {
+        nbdfs_error("mount", "--timeout: must be between 1 and %d seconds, not %d",
+                    MAX_TIMEOUT, o->timeout);
+        return false;
+    }
+    if (!nbdfs_check_format("mount", o->format)) {
         return false;
     }
     if (o->name && !nbdfs_valid_file_name(o->name)) {
@@ -358,8 +411,7 @@ static bool validate(MountOptions *o)
     }
     o->mountpoint = g_strdup(abs);
     free(abs);
-    device = mounted_device(o->mountpoint);
-    if (device) {
+    if (nbdfs_mountinfo_find(o->mountpoint, NULL, NULL)) {
         /* A second mount would hide the first: surely a mistake. */
         nbdfs_error("mount", "mount point %s: already a mount point (unmount it first)",
                     o->args[1]);
@@ -370,7 +422,8 @@ static bool validate(MountOptions *o)
 
 int nbdfs_cmd_mount(int argc, char **argv)
 {
-    g_auto(MountOptions) o = { .connections = DEFAULT_CONNECTIONS };
+    g_auto(MountOptions) o = { .connections = DEFAULT_CONNECTIONS,
+                               .timeout = NBDFS_DEFAULT_TIMEOUT };
     const GOptionEntry entries[] = {
         { "read-only", 'r', 0, G_OPTION_ARG_NONE, &o.read_only,
           "Mount read-only (a read-only export always is)", NULL },
@@ -378,6 +431,12 @@ int nbdfs_cmd_mount(int argc, char **argv)
           "Stay in the foreground until unmounted", NULL },
         { "connections", 'C', 0, G_OPTION_ARG_INT, &o.connections,
           "Open N connections when the server allows multi-conn (default 4)", "N" },
+        { "timeout", 't', 0, G_OPTION_ARG_INT, &o.timeout,
+          "Fail a request the server has not answered in SECS seconds with EIO, and "
+          "reconnect (default 30)", "SECS" },
+        { "format", 0, 0, G_OPTION_ARG_STRING, &o.format,
+          "The local image's format: only 'raw', to mount an image that looks like "
+          "another format as its bytes", "FMT" },
         { "name", 0, 0, G_OPTION_ARG_STRING, &o.name,
           "File name of the export in the mount point", "NAME" },
         { "option", 'o', 0, G_OPTION_ARG_STRING_ARRAY, &o.fuse_options,
@@ -393,7 +452,7 @@ int nbdfs_cmd_mount(int argc, char **argv)
     if (!nbdfs_parse_options("mount", "SOURCE MOUNTPOINT",
                              "Mount the NBD export SOURCE (an NBD URI, or a local raw image "
                              "served in-process) as a file in MOUNTPOINT,\nwith its dirty "
-                             "bitmaps in MOUNTPOINT/dirty/.  Unmount with 'fusermount3 -u "
+                             "bitmaps in MOUNTPOINT/dirty/.  Unmount with 'nbdfs umount "
                              "MOUNTPOINT'.",
                              entries, &argc, &argv) ||
         !validate(&o)) {

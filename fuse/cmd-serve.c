@@ -19,6 +19,7 @@ typedef struct {
     char *port;
     char *bind;
     char *pid_file;
+    char *format;
     gboolean read_only;
     gboolean fork;
     gboolean verbose;
@@ -34,6 +35,7 @@ static void serve_options_clear(ServeOptions *o)
     g_free(o->port);
     g_free(o->bind);
     g_free(o->pid_file);
+    g_free(o->format);
     g_strfreev(o->images);
 }
 G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(ServeOptions, serve_options_clear)
@@ -113,6 +115,9 @@ int nbdfs_cmd_serve(int argc, char **argv)
           "Address to listen on with --port (default 127.0.0.1)", "ADDR" },
         { "read-only", 'r', 0, G_OPTION_ARG_NONE, &o.read_only,
           "Export the images read-only", NULL },
+        { "format", 0, 0, G_OPTION_ARG_STRING, &o.format,
+          "The images' format: only 'raw', to serve an image that looks like another "
+          "format as its bytes", "FMT" },
         { "pid-file", 0, 0, G_OPTION_ARG_FILENAME, &o.pid_file,
           "Write the server's pid to FILE once it listens", "FILE" },
         { "fork", 0, 0, G_OPTION_ARG_NONE, &o.fork,
@@ -142,7 +147,7 @@ int nbdfs_cmd_serve(int argc, char **argv)
                              "is also the default export \"\".\nWith no -U or -p, and no "
                              "socket activation, listens on 127.0.0.1:10809.",
                              entries, &argc, &argv) ||
-        !validate(&o, n_activation)) {
+        !validate(&o, n_activation) || !nbdfs_check_format("serve", o.format)) {
         return 1;
     }
     if (o.verbose) {
@@ -172,6 +177,7 @@ int nbdfs_cmd_serve(int argc, char **argv)
         .max_connections = o.max_connections,
         .handshake_limit = o.handshake_limit,
         .threads = o.threads,
+        .any_format = o.format != NULL,
     });
     for (char **img = o.images; *img; img++) {
         if (!nbds_server_add_export(server, *img, &error)) {

@@ -335,7 +335,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
                      struct fuse_file_info *fi)
 {
     if (ino == NBDFS_INO_EXPORT) {
-        nbdfs_export_write(req, mount_of(req), buf, size, off, fi->flags);
+        nbdfs_export_write(req, mount_of(req), buf, size, off, fi);
     } else {
         fuse_reply_err(req, EBADF);
     }
@@ -343,9 +343,8 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    (void)fi;
     if (ino == NBDFS_INO_EXPORT) {
-        nbdfs_export_flush(req, mount_of(req));
+        nbdfs_export_flush(req, mount_of(req), fi);
     } else {
         fuse_reply_err(req, 0);
     }
@@ -353,7 +352,9 @@ static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    if (ino != NBDFS_INO_EXPORT) {
+    if (ino == NBDFS_INO_EXPORT) {
+        nbdfs_export_release(mount_of(req), fi);
+    } else {
         nbdfs_dirty_release(fi);
     }
     fuse_reply_err(req, 0);
@@ -362,9 +363,8 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
 {
     (void)datasync;
-    (void)fi;
     if (ino == NBDFS_INO_EXPORT) {
-        nbdfs_export_fsync(req, mount_of(req));
+        nbdfs_export_fsync(req, mount_of(req), fi);
     } else {
         fuse_reply_err(req, 0);
     }
@@ -373,9 +373,8 @@ static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
 static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
                          struct fuse_file_info *fi)
 {
-    (void)fi;
     if (ino == NBDFS_INO_EXPORT) {
-        nbdfs_export_fallocate(req, mount_of(req), mode, offset, length);
+        nbdfs_export_fallocate(req, mount_of(req), mode, offset, length, fi);
     } else {
         fuse_reply_err(req, EBADF);
     }

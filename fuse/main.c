@@ -12,6 +12,7 @@ static const struct {
     const char *summary;
 } subcommands[] = {
     { "mount", nbdfs_cmd_mount, "mount an NBD export as a file" },
+    { "umount", nbdfs_cmd_umount, "unmount, and wait until the mount's daemon is done" },
     { "serve", nbdfs_cmd_serve, "serve raw images over NBD" },
     { "info", nbdfs_cmd_info, "show what an NBD server offers" },
     { "bitmap", nbdfs_cmd_bitmap, "manage the dirty bitmaps of a raw image" },
@@ -40,6 +41,16 @@ gboolean nbdfs_parse_options(const char *subcommand, const char *params, const c
     g_option_context_add_main_entries(ctx, entries, NULL);
     if (!g_option_context_parse(ctx, argc, argv, &error)) {
         nbdfs_error(subcommand, "%s (see 'nbdfs %s --help')", error->message, subcommand);
+        return FALSE;
+    }
+    return TRUE;
+}
+
+gboolean nbdfs_check_format(const char *subcommand, const char *format)
+{
+    if (format && strcmp(format, "raw") != 0) {
+        nbdfs_error(subcommand, "--format: '%s' is not supported: nbdfs serves raw images "
+                    "(serve other formats with qemu-nbd, and mount its URI)", format);
         return FALSE;
     }
     return TRUE;

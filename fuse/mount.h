@@ -1,18 +1,47 @@
 /*
  * Internal interfaces of `nbdfs mount` (and the connection code `nbdfs info`
  * shares), grouped by the file that defines them.  Reading order:
- * cmd-mount.c (command line, daemon, FUSE session) -> nbd-client.c (libnbd
- * handles, reconnection, completion -> reply) -> loop.c (the worker
- * threads) -> write-behind.c (writes in flight) -> block-status.c (extent
- * queries over extent-cache.c) -> inodes.c (the fixed tree) -> ops-export.c
- * (the export file) -> ops-dirty.c (the dirty/ files).
+ * cmd-mount.c (command line, daemon, FUSE session) -> loop.c (the mount's
+ * lifetime: FUSE threads, the orderly stop) -> conn.c (one I/O thread per
+ * NBD connection, request deadlines) -> nbd-client.c (sources, handshake,
+ * reconnection, FUSE requests served by NBD commands) -> write-behind.c
+ * (writes in flight) -> open-files.c (write errors and durability per open
+ * file) -> block-status.c (extent queries over extent-cache.c) -> inodes.c
+ * (the fixed tree) -> ops-export.c (the export file) -> ops-dirty.c (the
+ * dirty/ files) -> control.c (`nbdfs umount` waiting for the daemon).
  *
- * Thread model (loop.c): one worker thread per NBD connection reads FUSE
- * requests and issues their NBD commands on its own connection; the replies
- * come back to the same thread, whose completion callbacks answer FUSE.
- * Operations that need an answer before they can reply (lseek, st_blocks,
- * the dirty files, a write over one still in flight) drive their own
- * connection in a nested loop meanwhile.
+ * THREAD MODEL.  It is deadlock-free by construction; every rule below is
+ * what makes it so, so keep them.
+ *
+ *   I/O threads (conn.c), one per NBD connection, are the only threads that
+ *   drive a connection: they poll its socket and an eventfd, call
+ *   nbd_aio_notify_read/write, and so run every completion callback.  They
+ *   never wait for anything but their own socket, eventfd and the deadline
+ *   of the oldest command in flight on their connection.  A command the
+ *   server has not answered by its deadline (--timeout) kills the
+ *   connection: libnbd then fails every command in flight on it at once.
+ *
+ *   FUSE threads (loop.c), a fixed pool, read requests from /dev/fuse and
+ *   issue NBD commands on any live connection (libnbd's handle lock makes
+ *   that safe; sending never blocks).  Data requests are answered from the
+ *   completion callbacks, in an I/O thread.  An operation that needs an
+ *   answer first (lseek, st_blocks, the dirty files, read-modify-write, a
+ *   write over one in flight, O_DSYNC without FUA) waits on a condition
+ *   variable for a completion.  That wait always ends: the I/O thread that
+ *   drives the command answers it or fails it by its deadline, whatever any
+ *   FUSE thread does.
+ *
+ *   Completion callbacks never call libnbd (the handle lock is held there)
+ *   and take only leaf locks: a leaf lock is held for a few instructions,
+ *   never across a wait, a libnbd call or another lock.  Every nbdfs lock
+ *   is a leaf, except a connection's handle_lock, which FUSE threads hold
+ *   (for reading) only around one nbd_aio_* call and which no callback
+ *   takes.
+ *
+ *   The main thread (loop.c) only waits for the end (unmount, a signal) and
+ *   runs the orderly stop; the reconnect thread (nbd-client.c) makes new
+ *   handles for dead connections, bounded and cancellable, and hands them
+ *   to their I/O threads.
  */
 #ifndef NBDFS_MOUNT_H
 #define NBDFS_MOUNT_H
@@ -31,8 +60,8 @@
 #include "extent-cache.h"
 #include "server.h"
 
-/* Seconds a connection may take to connect and negotiate. */
-#define NBDFS_HANDSHAKE_TIMEOUT 30
+/* Default --timeout: seconds the server may take to answer a request or a handshake. */
+#define NBDFS_DEFAULT_TIMEOUT 30
 /* Largest FUSE read/write request we ask the kernel for. */
 #define NBDFS_MAX_FUSE_IO (1u << 20)
 
@@ -43,17 +72,29 @@ typedef struct {
     char *spec;                    /* as the user wrote it */
     char *image;                   /* local image path; NULL for a URI */
     NbdsServer *server;            /* local image: the bundled server */
+    bool shut_down;
 } NbdfsSource;
 
-/* A URI is anything with "://"; everything else names a local image, opened now. */
-NbdfsSource *nbdfs_source_open(const char *spec, bool read_only, GError **error);
+/*
+ * A URI is anything with "://"; everything else names a local image, opened
+ * now.  FORMAT: NULL to refuse images that are not raw (qcow2, ...: detected
+ * by their magic), or "raw" to serve any file's bytes as they are.
+ */
+NbdfsSource *nbdfs_source_open(const char *spec, bool read_only, const char *format,
+                               GError **error);
+/* Stop serving: a local image is flushed, its bitmaps saved; false if that failed. */
+bool nbdfs_source_shutdown(NbdfsSource *src);
 void nbdfs_source_free(NbdfsSource *src);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(NbdfsSource, nbdfs_source_free)
 
 /* A handle with our settings; OPT_MODE stops the handshake before NBD_OPT_GO. */
 struct nbd_handle *nbdfs_handle_new(bool opt_mode, GError **error);
-/* Connect H to SRC and wait (bounded) until it negotiates or is ready. */
-bool nbdfs_source_connect(NbdfsSource *src, struct nbd_handle *h, GError **error);
+/*
+ * Connect H to SRC and wait until it negotiates or is ready: at most
+ * TIMEOUT_S seconds, and no longer than until CANCEL_FD (if >= 0) is readable.
+ */
+bool nbdfs_source_connect(NbdfsSource *src, struct nbd_handle *h, unsigned timeout_s,
+                          int cancel_fd, GError **error);
 
 /* Completion of an asynchronous option, polled with nbdfs_option_wait(). */
 typedef struct {
@@ -62,25 +103,87 @@ typedef struct {
 } NbdfsOption;
 
 nbd_completion_callback nbdfs_option_callback(NbdfsOption *opt);
-/* Wait (bounded) for the option whose issue returned R; WHAT names it in errors. */
+/* Wait (TIMEOUT_S at most) for the option whose issue returned R; WHAT names it. */
 bool nbdfs_option_wait(struct nbd_handle *h, int r, NbdfsOption *opt, const char *what,
-                       GError **error);
+                       unsigned timeout_s, GError **error);
 
 /* libnbd's last error as a GError, prefixed with WHAT. */
 void nbdfs_set_nbd_error(GError **error, const char *what);
 
-/* ---- nbd-client.c: the mount's connections ---- */
+/* ---- conn.c: one connection and its I/O thread ---- */
 
-/* One libnbd handle, driven by the worker thread that owns it (loop.c). */
+typedef struct NbdfsMount NbdfsMount;
+typedef struct NbdfsIo NbdfsIo;
+
 typedef struct {
-    struct nbd_handle *nbd;        /* only the owner reads or replaces it */
+    NbdfsMount *m;
     unsigned index;
-    int wake_fd;                   /* eventfd: wakes the owner (a waiter's condition changed) */
-    gint dead;                     /* set by the owner when the connection failed */
-    gpointer replacement;          /* a new handle the reconnect thread made, for the owner */
-    gint64 retry_at;               /* reconnect thread: next attempt (monotonic us) */
-    unsigned backoff;              /* reconnect thread: seconds to wait after a failure */
+    /*
+     * nbd: only replaced by the I/O thread, holding handle_lock for writing;
+     * FUSE threads hold it for reading around each nbd_aio_* call.
+     */
+    GRWLock handle_lock;
+    struct nbd_handle *nbd;
+    int wake_fd;                   /* eventfd: the I/O thread re-reads its state */
+    GThread *thread;
+    gint dead;                     /* the connection failed; a replacement may come */
+    gint stop;                     /* orderly stop: disconnect and end the thread */
+    gpointer replacement;          /* a new handle from the reconnect thread */
+
+    /* Commands in flight, oldest first (NbdfsCmd), for deadlines. */
+    GMutex inflight_lock;
+    GQueue inflight;
+
+    /* Reconnect thread only. */
+    gint64 retry_at;               /* next attempt (monotonic us) */
+    unsigned backoff;              /* seconds to wait after a failure */
 } NbdfsConn;
+
+NbdfsConn *nbdfs_conn_new(NbdfsMount *m, struct nbd_handle *h, unsigned index,
+                          GError **error);
+/* After nbdfs_conn_stop_thread(): close the handle, free everything. */
+void nbdfs_conn_free(NbdfsConn *c);
+/* Start the I/O thread (false if the system refuses a thread). */
+bool nbdfs_conn_start_thread(NbdfsConn *c, GError **error);
+/*
+ * Orderly end: the I/O thread sends NBD_CMD_DISC if the connection is up,
+ * waits a moment for the server to take it, and ends.  Call on every
+ * connection with JOIN false (so all disconnect at once), then with JOIN
+ * true to wait for the thread.
+ */
+void nbdfs_conn_stop_thread(NbdfsConn *c, bool join);
+/* Wake the I/O thread (its state or the deadlines changed). */
+void nbdfs_conn_wake(NbdfsConn *c);
+/* Kill the connection now, failing what is in flight (the stop's last resort). */
+void nbdfs_conn_abort(NbdfsConn *c);
+bool nbdfs_conn_alive(NbdfsConn *c);
+
+/* One NBD command of an NbdfsIo. */
+typedef enum {
+    NBDFS_CMD_READ,
+    NBDFS_CMD_WRITE,
+    NBDFS_CMD_ZERO,
+    NBDFS_CMD_FLUSH,
+    NBDFS_CMD_BLOCK_STATUS,
+} NbdfsCmdKind;
+
+typedef struct {
+    NbdfsCmdKind kind;
+    void *buf;                     /* READ: filled; WRITE: sent */
+    uint64_t count, offset;
+    uint32_t flags;                /* LIBNBD_CMD_FLAG_* */
+    const char *context;           /* BLOCK_STATUS: the one context wanted */
+    nbd_extent64_callback extents; /* BLOCK_STATUS */
+} NbdfsCommand;
+
+/*
+ * Issue CMD for IO on a live connection (round robin).  The command holds a
+ * reference on IO until libnbd is done with it; a failure (no live
+ * connection, libnbd refused) is recorded in IO.
+ */
+void nbdfs_conn_issue(NbdfsMount *m, NbdfsIo *io, const NbdfsCommand *cmd);
+
+/* ---- nbd-client.c: the mount's connections ---- */
 
 /* A metadata context the mount tracks, with its extent cache. */
 typedef struct {
@@ -99,16 +202,30 @@ typedef struct {
     uint64_t text_size[2];
 } NbdfsContext;
 
-typedef struct NbdfsPending NbdfsPending;
-
+/* What must not change when a connection is remade: the export's identity. */
 typedef struct {
+    char *canonical_name;          /* NBD_INFO_NAME, or the name asked for */
+    char *description;             /* NBD_INFO_DESCRIPTION, or NULL */
+    uint64_t size;
+    bool read_only, can_flush, can_fua, can_trim, can_zero, can_fast_zero, can_cache,
+        can_df, can_multi_conn, can_payload;
+    bool structured, extended;     /* header mode */
+    int64_t block_size[3];         /* minimum, preferred, maximum (0: none advertised) */
+} NbdfsExportIdentity;
+
+typedef struct NbdfsPending NbdfsPending;
+typedef struct NbdfsFile NbdfsFile;
+
+struct NbdfsMount {
     NbdfsSource *source;
     NbdfsConn **conns;
     unsigned n_conns;
     guint next_conn;               /* round robin */
+    unsigned timeout;              /* --timeout: seconds a request may take */
 
     /* The export, as the server described it. */
     char *export_name;
+    NbdfsExportIdentity identity;
     uint64_t size;
     bool read_only;
     bool can_flush, can_fua, can_trim, can_zero, can_payload, extended;
@@ -118,39 +235,67 @@ typedef struct {
     GPtrArray *bitmaps;            /* NbdfsContext *, one per qemu:dirty-bitmap: */
     NbdfsPending *pending;         /* writes answered before the server finished them */
 
-    /* Reconnection of a remote export (nbd-client.c). */
+    /* Requests alive (NbdfsIo), for the orderly stop. */
+    GMutex ios_lock;
+    GCond ios_cond;
+    unsigned ios_alive;
+
+    /* open-files.c: open files, write errors, what is durable. */
+    GMutex files_lock;
+    GQueue files;                  /* NbdfsFile, open for writing */
+    uint64_t write_seq;            /* writes completed so far */
+    uint64_t flushed_seq;          /* writes a successful FLUSH covered */
+    unsigned write_failures;       /* writes that failed (exit status) */
+    unsigned unreported_failures;  /* of those, never reported to an application */
+    unsigned lost_unflushed;       /* connections lost with unflushed writes */
+
+    /* Reconnection (nbd-client.c). */
     GThread *reconnect_thread;
     GMutex reconnect_lock;
     GCond reconnect_cond;
     bool reconnect_stop;
+    int reconnect_cancel_fd;       /* eventfd: ends a handshake in progress */
 
     /* The file system. */
     struct fuse_session *session;
+    char *mountpoint;
     char *file_name;
     bool keep_cache;               /* nobody else can change the export */
     struct timespec start_time;
     int ready_fd;                  /* background mode: told once FUSE is initialised */
-} NbdfsMount;
+    int ended_fd;                  /* eventfd: a FUSE thread saw the session end */
+    int control_fd;                /* control.c: listening for `nbdfs umount` */
+    GArray *control_waiters;       /* control.c: their connections (int) */
+};
 
 /*
  * Open CONNECTIONS handles to m->source (fewer if the server does not allow
  * multi-conn), negotiating base:allocation and every dirty bitmap, and fill
- * in the export's properties.
+ * in the export's properties.  The I/O threads are not started yet.
  */
 bool nbdfs_client_connect(NbdfsMount *m, unsigned connections, GError **error);
-/* Disconnect (bounded) and free the handles, once the workers are gone. */
+/* Start every connection's I/O thread. */
+bool nbdfs_client_start(NbdfsMount *m, GError **error);
+/* Disconnect every connection at once (bounded), end the I/O threads, free. */
 void nbdfs_client_stop(NbdfsMount *m);
 
 /*
- * A remote export whose server went away: a thread reconnects dead
- * connections with bounded back-off (1 s doubling to 30 s), to the same
- * export of the same size, and hands each new handle to the connection's
- * owner, which installs it with nbdfs_conn_adopt_replacement().
+ * A thread remakes dead connections with bounded back-off (1 s doubling to
+ * 30 s), only to the same export (nbdfs_export_identity_diff), and hands
+ * each new handle to its connection's I/O thread.
  */
-void nbdfs_client_start_reconnect(NbdfsMount *m);
+bool nbdfs_client_start_reconnect(NbdfsMount *m, GError **error);
 void nbdfs_client_stop_reconnect(NbdfsMount *m);
-/* In the owner: install a replacement handle if one is ready; true if so. */
-bool nbdfs_conn_adopt_replacement(NbdfsMount *m, NbdfsConn *c);
+/* A connection died: the reconnect thread should look at it. */
+void nbdfs_client_connection_died(NbdfsMount *m);
+/* In C's I/O thread: install a replacement handle if one is ready; true if so. */
+bool nbdfs_conn_adopt_replacement(NbdfsConn *c);
+
+/* The identity of the export H is connected to; free with nbdfs_export_identity_clear. */
+void nbdfs_export_identity_read(struct nbd_handle *h, NbdfsExportIdentity *id);
+void nbdfs_export_identity_clear(NbdfsExportIdentity *id);
+/* What differs between A (as first seen) and B, in words; NULL if nothing. */
+char *nbdfs_export_identity_diff(const NbdfsExportIdentity *a, const NbdfsExportIdentity *b);
 
 /* The errno a FUSE caller gets for a libnbd or server error. */
 int nbdfs_errno(int err);
@@ -158,7 +303,7 @@ int nbdfs_errno(int err);
 /*
  * Fetch block status of CTX from OFFSET on (one request, as large a range as
  * the protocol allows).  Appends NbdfsExtent to EXTENTS starting at *START.
- * Returns 0 or an errno.
+ * Returns 0 or an errno.  Waits for the answer.
  */
 int nbdfs_client_block_status(NbdfsMount *m, NbdfsContext *ctx, uint64_t offset,
                               GArray *extents, uint64_t *start);
@@ -168,6 +313,7 @@ int nbdfs_client_block_status(NbdfsMount *m, NbdfsContext *ctx, uint64_t offset,
  * from the completion of the last command: the data, the write count, or
  * success; or the first error.  Write-type commands invalidate the extent
  * caches before the reply, so the caller's next lseek sees their effect.
+ * A request without a FUSE reply (REQ NULL) may instead be waited for.
  */
 typedef enum {
     NBDFS_REPLY_DATA,
@@ -175,64 +321,112 @@ typedef enum {
     NBDFS_REPLY_NONE,
 } NbdfsReplyKind;
 
-typedef struct NbdfsIo NbdfsIo;
-
 /* A request with a buffer of BUF_SIZE bytes (zero-filled if ZEROED). */
 NbdfsIo *nbdfs_io_new(NbdfsMount *m, fuse_req_t req, NbdfsReplyKind kind, size_t buf_size,
                       bool zeroed);
 char *nbdfs_io_buffer(NbdfsIo *io);
+/* Read into (or write from) BUF, which the caller owns, instead. */
+void nbdfs_io_set_buffer(NbdfsIo *io, char *buf);
 /* Free MEM (malloc'd) with the request: its data may then be written from it. */
 void nbdfs_io_adopt(NbdfsIo *io, void *mem);
-/* Reply with the LENGTH bytes of the buffer from OFFSET (default: all of it). */
+/*
+ * DATA: reply with the LENGTH bytes of the buffer from OFFSET (default: all
+ * of it).  WRITE: reply that LENGTH bytes were written.
+ */
 void nbdfs_io_reply_slice(NbdfsIo *io, size_t offset, size_t length);
 /* Commands: each is split into requests the server accepts. */
 void nbdfs_io_pread(NbdfsIo *io, size_t buf_offset, uint64_t offset, uint64_t length);
 void nbdfs_io_pwrite(NbdfsIo *io, const void *data, uint64_t offset, uint64_t length,
                      uint32_t flags);
 void nbdfs_io_zero(NbdfsIo *io, uint64_t offset, uint64_t length, uint32_t flags);
-void nbdfs_io_flush(NbdfsIo *io);
+/* FLUSH, asked for by ISSUER (NULL: the mount itself), who gets its error in the reply. */
+void nbdfs_io_flush(NbdfsIo *io, NbdfsFile *issuer);
 /* Fail the request with ERR (once the commands already issued complete). */
 void nbdfs_io_fail(NbdfsIo *io, int err);
 /* The error recorded so far (a command that could not even be sent), or 0. */
 int nbdfs_io_error(NbdfsIo *io);
-/* Its writes are pending (write-behind.c) until they complete. */
-void nbdfs_io_write_behind(NbdfsIo *io);
+/*
+ * Its writes came from FILE (NULL: from the page cache, any writer) and
+ * reserve [OFFSET, +LENGTH) of the write-behind table (already reserved by
+ * the caller) until they complete.
+ */
+void nbdfs_io_set_writer(NbdfsIo *io, NbdfsFile *file, bool reserved, uint64_t offset,
+                         uint64_t length);
 /* Done issuing: the reply follows the last completion (maybe already now). */
 void nbdfs_io_submit(NbdfsIo *io);
+/* Done issuing a request without a FUSE reply: wait for it; 0 or its errno. */
+int nbdfs_io_run(NbdfsIo *io);
+/* The reference each NBD command of IO holds (conn.c). */
+void nbdfs_io_ref(NbdfsIo *io);
+void nbdfs_io_unref(NbdfsIo *io);
 
 /* ---- loop.c ---- */
 
 /*
- * Serve the FUSE session with one worker thread per connection until it is
- * unmounted or one of STOP_SIGNALS (blocked in every thread) arrives.
+ * Serve the FUSE session until it is unmounted, one of STOP_SIGNALS (blocked
+ * in every thread) arrives, or it fails; then stop in order: sync dirty
+ * pages (if still mounted), stop reading requests, let those in flight end
+ * (at most --timeout), FLUSH what was written, disconnect.  The caller then
+ * unmounts and destroys the session.  Returns 0, or -1 with ERROR.
  */
 int nbdfs_loop_run(NbdfsMount *m, const sigset_t *stop_signals, GError **error);
-/* The calling worker's connection (outside the workers: round robin). */
-NbdfsConn *nbdfs_loop_conn(NbdfsMount *m);
-bool nbdfs_loop_owns(NbdfsConn *c);
 /*
  * The buffer (malloc'd by libfuse) holding the request being served, if DATA
  * points into it: the caller now owns it and frees it.  Saves copying a write.
  */
 void *nbdfs_loop_take_request_buffer(const void *data);
-/* Drive the calling worker's connection until DONE(DATA): a nested loop. */
-void nbdfs_loop_wait(NbdfsMount *m, bool (*done)(gpointer), gpointer data);
-/* Wake C's owner; every worker (conditions other threads wait for changed). */
-void nbdfs_conn_wake(NbdfsConn *c);
-void nbdfs_loop_wake_all(NbdfsMount *m);
 
 /* ---- write-behind.c ---- */
 
+/*
+ * Writes answered before the server finished them, by range and in the
+ * order they were reserved.  Waits here are on a condition variable,
+ * signalled from completions: they end within the request timeout.
+ */
 NbdfsPending *nbdfs_pending_new(void);
 void nbdfs_pending_free(NbdfsPending *p);
 /* Reserve [OFFSET, +LENGTH) for a write: waits for overlapping writes and for room. */
 void nbdfs_pending_begin(NbdfsMount *m, uint64_t offset, uint64_t length);
-/* That write is over: ERR is 0 or its errno. */
-void nbdfs_pending_end(NbdfsMount *m, uint64_t offset, uint64_t length, int err);
+/* That write is over. */
+void nbdfs_pending_end(NbdfsMount *m, uint64_t offset, uint64_t length);
 /* Wait until no pending write overlaps [OFFSET, +LENGTH). */
 void nbdfs_pending_wait_range(NbdfsMount *m, uint64_t offset, uint64_t length);
-/* Wait until no write is pending; with TAKE_ERROR return (and forget) a failure. */
-int nbdfs_pending_drain(NbdfsMount *m, bool take_error);
+/* Wait until every write reserved before this call has completed. */
+void nbdfs_pending_drain(NbdfsMount *m);
+
+/* ---- open-files.c ---- */
+
+/*
+ * Write errors with the kernel's semantics: a failed write's error reaches
+ * the open file description that wrote it (every one open for writing, for
+ * a write-back from the page cache, whose writer is unknown), once at its
+ * next fsync and once at its next close; no other description ever sees it.
+ * A connection lost while writes were not yet flushed fails the next fsync
+ * of every description that wrote them.
+ */
+NbdfsFile *nbdfs_file_open(NbdfsMount *m, bool writable);
+/* The last reference from the kernel: uncollected errors are logged. */
+void nbdfs_file_release(NbdfsMount *m, NbdfsFile *f);
+NbdfsFile *nbdfs_file_ref(NbdfsFile *f);
+void nbdfs_file_unref(NbdfsFile *f);
+/*
+ * A write from F (NULL: the page cache) completed with ERR (0: success);
+ * REPORTED: its caller got the error already (a synchronous write).
+ */
+void nbdfs_files_write_done(NbdfsMount *m, NbdfsFile *f, int err, bool reported,
+                            uint64_t offset, uint64_t length);
+/* A FLUSH is being sent: what it will cover, to pass to nbdfs_files_flush_done. */
+uint64_t nbdfs_files_flush_begin(NbdfsMount *m);
+/* That FLUSH ended with ERR; its failure is already told to ISSUER (may be NULL). */
+void nbdfs_files_flush_done(NbdfsMount *m, uint64_t covers, int err, NbdfsFile *issuer);
+/* Were writes completed that no successful FLUSH covers? */
+bool nbdfs_files_need_flush(NbdfsMount *m);
+/* A connection died: unflushed writes may be lost. */
+void nbdfs_files_connection_lost(NbdfsMount *m);
+/* The error F's fsync (FSYNC) or close reports now, and forget it; 0 if none. */
+int nbdfs_file_take_error(NbdfsMount *m, NbdfsFile *f, bool fsync);
+/* At the end: log what was lost; false if any write failed or may be lost. */
+bool nbdfs_files_final_report(NbdfsMount *m, GString *messages);
 
 /* ---- block-status.c ---- */
 
@@ -259,6 +453,8 @@ int nbdfs_for_each_run(NbdfsMount *m, NbdfsContext *ctx, uint64_t start, uint64_
 
 /* The export changed over [OFFSET, OFFSET + LENGTH) through the mount. */
 void nbdfs_contexts_changed(NbdfsMount *m, uint64_t offset, uint64_t length);
+/* Forget every cached status (the server may have changed behind our back). */
+void nbdfs_contexts_forget(NbdfsMount *m);
 
 /* ---- inodes.c ---- */
 
@@ -294,13 +490,15 @@ void nbdfs_fill_attr(NbdfsMount *m, fuse_ino_t ino, mode_t mode, struct stat *st
 
 int nbdfs_export_getattr(NbdfsMount *m, struct stat *st);
 void nbdfs_export_open(fuse_req_t req, NbdfsMount *m, struct fuse_file_info *fi);
+void nbdfs_export_release(NbdfsMount *m, struct fuse_file_info *fi);
 void nbdfs_export_setattr(fuse_req_t req, NbdfsMount *m, struct stat *attr, int to_set);
 void nbdfs_export_read(fuse_req_t req, NbdfsMount *m, size_t size, off_t off);
 void nbdfs_export_write(fuse_req_t req, NbdfsMount *m, const char *buf, size_t size, off_t off,
-                        int open_flags);
-void nbdfs_export_fsync(fuse_req_t req, NbdfsMount *m);
-void nbdfs_export_flush(fuse_req_t req, NbdfsMount *m);
-void nbdfs_export_fallocate(fuse_req_t req, NbdfsMount *m, int mode, off_t off, off_t length);
+                        struct fuse_file_info *fi);
+void nbdfs_export_fsync(fuse_req_t req, NbdfsMount *m, struct fuse_file_info *fi);
+void nbdfs_export_flush(fuse_req_t req, NbdfsMount *m, struct fuse_file_info *fi);
+void nbdfs_export_fallocate(fuse_req_t req, NbdfsMount *m, int mode, off_t off, off_t length,
+                            struct fuse_file_info *fi);
 void nbdfs_export_lseek(fuse_req_t req, NbdfsMount *m, off_t off, int whence);
 
 /* ---- ops-dirty.c ---- */
@@ -315,6 +513,34 @@ void nbdfs_dirty_read(fuse_req_t req, NbdfsMount *m, NbdfsContext *bitmap, Nbdfs
 void nbdfs_dirty_lseek(fuse_req_t req, NbdfsMount *m, NbdfsContext *bitmap, NbdfsDirtyKind kind,
                        off_t off, int whence, struct fuse_file_info *fi);
 void nbdfs_dirty_release(struct fuse_file_info *fi);
+
+/* ---- control.c ---- */
+
+/*
+ * `nbdfs umount` talks to the daemon over a unix socket in the abstract
+ * namespace named after the mount's device number, so it needs no file and
+ * disappears with the daemon.  Only the daemon's user (or root) may connect.
+ * The daemon answers each waiter, after everything is released, with its
+ * final messages and "status N".
+ */
+bool nbdfs_control_listen(NbdfsMount *m, const char *device, GError **error);
+/* A waiter connected (control_fd readable): accept it. */
+void nbdfs_control_accept(NbdfsMount *m);
+/* Tell every waiter MESSAGES (lines) and STATUS, and close. */
+void nbdfs_control_finish(NbdfsMount *m, const char *messages, int status);
+/* The client: connect to the daemon of the mount on DEVICE ("MAJ:MIN"); -1 on error. */
+int nbdfs_control_connect(const char *device, GError **error);
+/* Wait (TIMEOUT_S at most) for the daemon's status; its messages go to MESSAGES. */
+int nbdfs_control_wait(int fd, unsigned timeout_s, GString *messages, GError **error);
+
+/* ---- mountinfo.c ---- */
+
+/*
+ * The topmost mount on MOUNTPOINT (absolute) in /proc/self/mountinfo: its
+ * device ("MAJ:MIN") and file system type ("fuse.nbdfs"); false if none.
+ * Reads no file of the mount, so a hung mount cannot hang it.
+ */
+bool nbdfs_mountinfo_find(const char *mountpoint, char **device, char **fstype);
 
 /* ---- cmd-mount.c ---- */
 

@@ -1,20 +1,17 @@
 /*
  * libnbd connections: where an export comes from (a URI, or a local image
- * served in-process over a socketpair), the bounded handshake, and FUSE
- * replies sent from command completions (loop.c runs the threads).
+ * served in-process over a socketpair), the bounded handshake, the export's
+ * identity, reconnection, and FUSE requests served by NBD commands
+ * (NbdfsIo).  conn.c runs each connection's I/O thread.
  *
- * Commands are issued asynchronously by the worker thread that owns the
- * connection (libnbd usually sends them at once, in that thread); their
- * completion callbacks run in the same thread when it drives the socket, and
- * reply to FUSE.  Callbacks never call libnbd: the handle's lock is held there.
- *
- * When a connection dies, libnbd fails every command in flight (their
- * callbacks run with ENOTCONN) and every later command fails at once, so a
- * FUSE request always gets an answer: EIO.
+ * When a connection dies, libnbd fails every command in flight on it, and
+ * new commands go to the live connections or fail at once, so a FUSE request
+ * always gets an answer: EIO.
  */
 #include "mount.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -32,8 +29,6 @@
 /* Reconnection back-off: the first retry, and the longest wait between two. */
 #define RECONNECT_FIRST_S 1
 #define RECONNECT_MAX_S 30
-/* How long unmounting waits for each server to acknowledge the disconnect. */
-#define DISCONNECT_TIMEOUT_MS 5000
 
 G_STATIC_ASSERT(sizeof(NbdfsExtent) == sizeof(nbd_extent));
 G_STATIC_ASSERT(G_STRUCT_OFFSET(NbdfsExtent, status) == G_STRUCT_OFFSET(nbd_extent, flags));
@@ -77,13 +72,16 @@ int nbdfs_errno(int err)
 
 /*
  * A 1 MiB write should leave in one send(2) from the thread that issues it:
- * a default unix socket buffer (about 200 KiB) makes the event loop finish
+ * a default unix socket buffer (about 200 KiB) makes the I/O thread finish
  * the job after several wake-ups.  Privileged users may go past wmem_max.
  */
 static void enlarge_socket_buffers(int fd)
 {
     int size = SOCKET_BUFFER;
 
+    if (fd < 0) {
+        return;
+    }
     if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size)) < 0) {
         setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
     }
@@ -92,7 +90,8 @@ static void enlarge_socket_buffers(int fd)
     }
 }
 
-NbdfsSource *nbdfs_source_open(const char *spec, bool read_only, GError **error)
+NbdfsSource *nbdfs_source_open(const char *spec, bool read_only, const char *format,
+                               GError **error)
 {
     g_autoptr(NbdfsSource) src = g_new0(NbdfsSource, 1);
 
@@ -102,11 +101,29 @@ NbdfsSource *nbdfs_source_open(const char *spec, bool read_only, GError **error)
     }
     /* Absolute: a daemon changes to "/", and the server reopens files by path. */
     src->image = g_canonicalize_filename(spec, NULL);
-    src->server = nbds_server_new(&(NbdsServerConfig){ .read_only = read_only });
+    src->server = nbds_server_new(&(NbdsServerConfig){
+        .read_only = read_only,
+        .any_format = format != NULL,
+    });
     if (!nbds_server_add_export(src->server, src->image, error)) {
         return NULL;
     }
     return g_steal_pointer(&src);
+}
+
+bool nbdfs_source_shutdown(NbdfsSource *src)
+{
+    bool ok = true;
+
+    if (src && src->server && !src->shut_down) {
+        /* Ends the in-process connections, flushes the image, saves the bitmaps. */
+        ok = nbds_server_shutdown(src->server);
+        src->shut_down = true;
+        if (!ok) {
+            g_warning("%s: flushing the image failed", src->image);
+        }
+    }
+    return ok;
 }
 
 void nbdfs_source_free(NbdfsSource *src)
@@ -114,11 +131,8 @@ void nbdfs_source_free(NbdfsSource *src)
     if (!src) {
         return;
     }
+    nbdfs_source_shutdown(src);
     if (src->server) {
-        /* Ends the in-process connections and flushes the image. */
-        if (!nbds_server_shutdown(src->server)) {
-            g_warning("%s: flushing the image failed", src->image);
-        }
         nbds_server_free(src->server);
     }
     g_free(src->spec);
@@ -138,31 +152,70 @@ struct nbd_handle *nbdfs_handle_new(bool opt_mode, GError **error)
     nbd_set_pread_initialize(h, false);
     /* tls-certificates= and tls-psk-file= in a URI given on our command line. */
     nbd_set_uri_allow_local_file(h, true);
+    /* The export's canonical name and description, to recognise it on reconnection. */
+    nbd_set_full_info(h, true);
     if (opt_mode) {
         nbd_set_opt_mode(h, true);
     }
     return h;
 }
 
-/* Poll H until DONE(H, DATA) or the deadline; the handle has no loop thread yet. */
+/*
+ * Poll H (which has no I/O thread yet) until DONE(H, DATA), for at most
+ * TIMEOUT_S seconds and while CANCEL_FD (if >= 0) is not readable.
+ */
 static bool poll_until(struct nbd_handle *h, bool (*done)(struct nbd_handle *, void *),
-                       void *data, const char *what, GError **error)
+                       void *data, const char *what, unsigned timeout_s, int cancel_fd,
+                       GError **error)
 {
-    gint64 deadline = g_get_monotonic_time() + NBDFS_HANDSHAKE_TIMEOUT * G_USEC_PER_SEC;
+    gint64 deadline = g_get_monotonic_time() + (gint64)timeout_s * G_USEC_PER_SEC;
 
     while (!done(h, data)) {
         gint64 left = deadline - g_get_monotonic_time();
+        unsigned dir = nbd_aio_get_direction(h);
+        struct pollfd pfd[2] = {
+            { .fd = nbd_aio_get_fd(h),
+              .events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                        ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0) },
+            { .fd = cancel_fd, .events = POLLIN },
+        };
+        int r = 0;
+
         if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h)) {
             nbdfs_set_nbd_error(error, what);
             return false;
         }
         if (left <= 0) {
             g_set_error(error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT,
-                        "%s: no answer from the server within %d seconds", what,
-                        NBDFS_HANDSHAKE_TIMEOUT);
+                        "%s: no answer from the server within %u seconds", what, timeout_s);
             return false;
         }
-        if (nbd_poll(h, (int)MIN(left / 1000 + 1, G_MAXINT)) == -1) {
+        if (pfd[0].fd < 0) {
+            /* Connecting may not have a socket yet (a command being started). */
+            if (nbd_poll(h, 100) == -1) {
+                nbdfs_set_nbd_error(error, what);
+                return false;
+            }
+            continue;
+        }
+        if (poll(pfd, 2, (int)MIN(left / 1000 + 1, G_MAXINT)) < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno), "%s: poll: %s",
+                        what, g_strerror(errno));
+            return false;
+        }
+        if (pfd[1].revents & POLLIN) {
+            g_set_error(error, G_IO_ERROR, G_IO_ERROR_CANCELLED, "%s: cancelled", what);
+            return false;
+        }
+        if ((pfd[0].revents & (POLLIN | POLLHUP | POLLERR)) && (pfd[0].events & POLLIN)) {
+            r = nbd_aio_notify_read(h);
+        } else if (pfd[0].revents & (POLLOUT | POLLHUP | POLLERR)) {
+            r = nbd_aio_notify_write(h);
+        }
+        if (r == -1) {
             nbdfs_set_nbd_error(error, what);
             return false;
         }
@@ -176,7 +229,8 @@ static bool handshake_done(struct nbd_handle *h, void *data)
     return !nbd_aio_is_connecting(h);
 }
 
-bool nbdfs_source_connect(NbdfsSource *src, struct nbd_handle *h, GError **error)
+bool nbdfs_source_connect(NbdfsSource *src, struct nbd_handle *h, unsigned timeout_s,
+                          int cancel_fd, GError **error)
 {
     int r;
 
@@ -198,13 +252,14 @@ bool nbdfs_source_connect(NbdfsSource *src, struct nbd_handle *h, GError **error
         nbdfs_set_nbd_error(error, "cannot connect");
         return false;
     }
-    if (!poll_until(h, handshake_done, NULL, "cannot connect", error)) {
+    if (!poll_until(h, handshake_done, NULL, "cannot connect", timeout_s, cancel_fd, error)) {
         return false;
     }
     if (!nbd_aio_is_negotiating(h) && !nbd_aio_is_ready(h)) {
         nbdfs_set_nbd_error(error, "handshake failed");
         return false;
     }
+    enlarge_socket_buffers(nbd_aio_get_fd(h));
     return true;
 }
 
@@ -230,13 +285,13 @@ static bool option_finished(struct nbd_handle *h, void *data)
 }
 
 bool nbdfs_option_wait(struct nbd_handle *h, int r, NbdfsOption *opt, const char *what,
-                       GError **error)
+                       unsigned timeout_s, GError **error)
 {
     if (r == -1) {
         nbdfs_set_nbd_error(error, what);
         return false;
     }
-    if (!poll_until(h, option_finished, opt, what, error)) {
+    if (!poll_until(h, option_finished, opt, what, timeout_s, -1, error)) {
         return false;
     }
     if (opt->error) {
@@ -248,50 +303,107 @@ bool nbdfs_option_wait(struct nbd_handle *h, int r, NbdfsOption *opt, const char
     return true;
 }
 
-/* ---- the mount's connections ---- */
+/* ---- the export's identity ---- */
 
-/*
- * After issuing a command on C (libnbd returned R): 0, or the errno of a
- * command that could not be issued (its completion callback will not run).
- */
-static int conn_issued(NbdfsConn *c, int64_t r)
+void nbdfs_export_identity_read(struct nbd_handle *h, NbdfsExportIdentity *id)
 {
-    if (r == -1) {
-        int err = nbd_get_errno();
-        if (nbd_aio_is_dead(c->nbd) || nbd_aio_is_closed(c->nbd)) {
-            err = ENOTCONN;
+    char *name = nbd_get_canonical_export_name(h);
+    char *description = nbd_get_export_description(h);
+
+    if (!name) {
+        name = nbd_get_export_name(h);
+    }
+    id->canonical_name = g_strdup(name ? name : "");
+    id->description = description ? g_strdup(description) : NULL;
+    free(name);
+    free(description);
+    id->size = nbd_get_size(h);
+    id->read_only = nbd_is_read_only(h) == 1;
+    id->can_flush = nbd_can_flush(h) == 1;
+    id->can_fua = nbd_can_fua(h) == 1;
+    id->can_trim = nbd_can_trim(h) == 1;
+    id->can_zero = nbd_can_zero(h) == 1;
+    id->can_fast_zero = nbd_can_fast_zero(h) == 1;
+    id->can_cache = nbd_can_cache(h) == 1;
+    id->can_df = nbd_can_df(h) == 1;
+    id->can_multi_conn = nbd_can_multi_conn(h) == 1;
+    id->can_payload = nbd_can_block_status_payload(h) == 1;
+    id->structured = nbd_get_structured_replies_negotiated(h) == 1;
+    id->extended = nbd_get_extended_headers_negotiated(h) == 1;
+    id->block_size[0] = MAX(nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM), 0);
+    id->block_size[1] = MAX(nbd_get_block_size(h, LIBNBD_SIZE_PREFERRED), 0);
+    id->block_size[2] = MAX(nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM), 0);
+}
+
+void nbdfs_export_identity_clear(NbdfsExportIdentity *id)
+{
+    g_clear_pointer(&id->canonical_name, g_free);
+    g_clear_pointer(&id->description, g_free);
+}
+
+static const char *header_mode(const NbdfsExportIdentity *id)
+{
+    return id->extended ? "extended" : id->structured ? "structured" : "simple";
+}
+
+char *nbdfs_export_identity_diff(const NbdfsExportIdentity *a, const NbdfsExportIdentity *b)
+{
+    static const struct {
+        const char *name;
+        size_t offset;
+    } flags[] = {
+        { "read-only", G_STRUCT_OFFSET(NbdfsExportIdentity, read_only) },
+        { "flush", G_STRUCT_OFFSET(NbdfsExportIdentity, can_flush) },
+        { "fua", G_STRUCT_OFFSET(NbdfsExportIdentity, can_fua) },
+        { "trim", G_STRUCT_OFFSET(NbdfsExportIdentity, can_trim) },
+        { "write-zeroes", G_STRUCT_OFFSET(NbdfsExportIdentity, can_zero) },
+        { "fast-zero", G_STRUCT_OFFSET(NbdfsExportIdentity, can_fast_zero) },
+        { "cache", G_STRUCT_OFFSET(NbdfsExportIdentity, can_cache) },
+        { "df", G_STRUCT_OFFSET(NbdfsExportIdentity, can_df) },
+        { "multi-conn", G_STRUCT_OFFSET(NbdfsExportIdentity, can_multi_conn) },
+        { "block-status-payload", G_STRUCT_OFFSET(NbdfsExportIdentity, can_payload) },
+    };
+    static const char *const size_names[] = { "minimum", "preferred", "maximum" };
+    GString *d = g_string_new(NULL);
+
+#define SEP (d->len ? "; " : "")
+    if (a->size != b->size) {
+        g_string_append_printf(d, "%ssize %" G_GUINT64_FORMAT " is now %" G_GUINT64_FORMAT,
+                               SEP, a->size, b->size);
+    }
+    if (g_strcmp0(a->canonical_name, b->canonical_name) != 0) {
+        g_string_append_printf(d, "%sexport name '%s' is now '%s'", SEP, a->canonical_name,
+                               b->canonical_name);
+    }
+    if (g_strcmp0(a->description, b->description) != 0) {
+        g_string_append_printf(d, "%sdescription '%s' is now '%s'", SEP,
+                               a->description ? a->description : "",
+                               b->description ? b->description : "");
+    }
+    for (size_t i = 0; i < G_N_ELEMENTS(flags); i++) {
+        bool fa = G_STRUCT_MEMBER(bool, a, flags[i].offset);
+        bool fb = G_STRUCT_MEMBER(bool, b, flags[i].offset);
+        if (fa != fb) {
+            g_string_append_printf(d, "%s%s %s", SEP, flags[i].name,
+                                   fb ? "appeared" : "is gone");
         }
-        return err ? err : EIO;
     }
-    /*
-     * The owner re-reads libnbd's direction before it polls again; anyone
-     * else must wake it if part of the request is still to be sent.
-     */
-    if (!nbdfs_loop_owns(c) && (nbd_aio_get_direction(c->nbd) & LIBNBD_AIO_DIRECTION_WRITE)) {
-        nbdfs_conn_wake(c);
+    if (a->extended != b->extended || a->structured != b->structured) {
+        g_string_append_printf(d, "%sheaders %s are now %s", SEP, header_mode(a),
+                               header_mode(b));
     }
-    return 0;
+    for (int k = 0; k < 3; k++) {
+        if (a->block_size[k] != b->block_size[k]) {
+            g_string_append_printf(d, "%s%s block size %" G_GINT64_FORMAT " is now %"
+                                   G_GINT64_FORMAT, SEP, size_names[k], a->block_size[k],
+                                   b->block_size[k]);
+        }
+    }
+#undef SEP
+    return g_string_free(d, d->len == 0);
 }
 
-static NbdfsConn *conn_new(struct nbd_handle *h, unsigned index, GError **error)
-{
-    NbdfsConn *c;
-    int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-
-    if (fd < 0) {
-        g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno), "eventfd: %s",
-                    g_strerror(errno));
-        return NULL;
-    }
-    c = g_new0(NbdfsConn, 1);
-    c->nbd = h;
-    c->index = index;
-    c->wake_fd = fd;
-    if (nbd_aio_get_fd(h) >= 0) {
-        enlarge_socket_buffers(nbd_aio_get_fd(h));
-    }
-    return c;
-}
+/* ---- the mount's connections ---- */
 
 static int collect_context(void *data, const char *name)
 {
@@ -305,7 +417,7 @@ static gint compare_names(gconstpointer a, gconstpointer b)
 }
 
 /* The dirty bitmaps the export offers, sorted by name (empty if it cannot say). */
-static GPtrArray *list_bitmaps(struct nbd_handle *h)
+static GPtrArray *list_bitmaps(NbdfsMount *m, struct nbd_handle *h)
 {
     GPtrArray *names = g_ptr_array_new_with_free_func(g_free);
     char *queries[] = { (char *)"qemu:dirty-bitmap:", NULL };
@@ -320,7 +432,7 @@ static GPtrArray *list_bitmaps(struct nbd_handle *h)
                                   h, queries, (nbd_context_callback){
                                       .callback = collect_context, .user_data = names },
                                   nbdfs_option_callback(&opt)),
-                           &opt, "NBD_OPT_LIST_META_CONTEXT", &error)) {
+                           &opt, "NBD_OPT_LIST_META_CONTEXT", m->timeout, &error)) {
         g_debug("listing dirty bitmaps: %s", error->message);
         g_ptr_array_set_size(names, 0);
     }
@@ -331,25 +443,25 @@ static GPtrArray *list_bitmaps(struct nbd_handle *h)
 /* Read the export's properties from the first handle, once it is ready. */
 static void read_properties(NbdfsMount *m, struct nbd_handle *h, GPtrArray *bitmap_names)
 {
-    int64_t min = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM);
-    int64_t max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
-    int64_t payload = nbd_get_block_size(h, LIBNBD_SIZE_PAYLOAD);
+    NbdfsExportIdentity *id = &m->identity;
     char *name = nbd_get_export_name(h);
 
+    nbdfs_export_identity_read(h, id);
     m->export_name = g_strdup(name ? name : "");
     free(name);
-    m->size = nbd_get_size(h);
-    m->read_only = nbd_is_read_only(h) == 1;
-    m->can_flush = nbd_can_flush(h) == 1;
-    m->can_fua = nbd_can_fua(h) == 1;
-    m->can_trim = nbd_can_trim(h) == 1;
-    m->can_zero = nbd_can_zero(h) == 1;
-    m->can_payload = nbd_can_block_status_payload(h) == 1;
-    m->extended = nbd_get_extended_headers_negotiated(h) == 1;
-    m->min_block = min > 0 ? (uint64_t)min : 1;
-    m->max_io = payload > 0 ? (uint64_t)payload : 32u << 20;
-    if (max > 0 && (uint64_t)max < m->max_io) {
-        m->max_io = max;
+    m->size = id->size;
+    m->read_only = id->read_only;
+    m->can_flush = id->can_flush;
+    m->can_fua = id->can_fua;
+    m->can_trim = id->can_trim;
+    m->can_zero = id->can_zero;
+    m->can_payload = id->can_payload;
+    m->extended = id->extended;
+    m->min_block = id->block_size[0] > 0 ? (uint64_t)id->block_size[0] : 1;
+    m->max_io = nbd_get_block_size(h, LIBNBD_SIZE_PAYLOAD) > 0
+                ? (uint64_t)nbd_get_block_size(h, LIBNBD_SIZE_PAYLOAD) : 32u << 20;
+    if (id->block_size[2] > 0 && (uint64_t)id->block_size[2] < m->max_io) {
+        m->max_io = id->block_size[2];
     }
     m->max_io = MAX(m->max_io - m->max_io % m->min_block, m->min_block);
 
@@ -366,7 +478,7 @@ static void read_properties(NbdfsMount *m, struct nbd_handle *h, GPtrArray *bitm
     }
 }
 
-/* Ask for every context the mount tracks before NBD_OPT_GO. */
+/* The contexts the mount tracks: asked for before NBD_OPT_GO on every new handle. */
 static void request_contexts(NbdfsMount *m, struct nbd_handle *h)
 {
     if (m->allocation->served) {
@@ -378,29 +490,58 @@ static void request_contexts(NbdfsMount *m, struct nbd_handle *h)
     }
 }
 
+/* A context the mount uses that H did not negotiate, or NULL. */
+static const char *missing_context(NbdfsMount *m, struct nbd_handle *h)
+{
+    if (m->allocation->served && nbd_can_meta_context(h, m->allocation->name) != 1) {
+        return m->allocation->name;
+    }
+    for (guint i = 0; i < m->bitmaps->len; i++) {
+        NbdfsContext *ctx = g_ptr_array_index(m->bitmaps, i);
+        if (nbd_can_meta_context(h, ctx->name) != 1) {
+            return ctx->name;
+        }
+    }
+    return NULL;
+}
+
 static bool ready_or_dead(struct nbd_handle *h, void *data)
 {
     (void)data;
     return !nbd_aio_is_connecting(h);
 }
 
-/* One more connection, like the first (multi-conn). */
-static struct nbd_handle *connect_another(NbdfsMount *m, GError **error)
+/* One more connection to the same export (multi-conn, or a reconnection). */
+static struct nbd_handle *connect_another(NbdfsMount *m, int cancel_fd, GError **error)
 {
     struct nbd_handle *h = nbdfs_handle_new(false, error);
+    NbdfsExportIdentity id = { 0 };
+    g_autofree char *diff = NULL;
+    const char *missing;
 
     if (!h) {
         return NULL;
     }
     request_contexts(m, h);
-    if (!nbdfs_source_connect(m->source, h, error) ||
-        !poll_until(h, ready_or_dead, NULL, "cannot connect", error)) {
+    if (!nbdfs_source_connect(m->source, h, m->timeout, cancel_fd, error) ||
+        !poll_until(h, ready_or_dead, NULL, "cannot connect", m->timeout, cancel_fd, error)) {
         nbd_close(h);
         return NULL;
     }
-    if (!nbd_aio_is_ready(h) || (uint64_t)nbd_get_size(h) != m->size) {
+    if (!nbd_aio_is_ready(h)) {
+        nbdfs_set_nbd_error(error, "cannot open the export");
+        nbd_close(h);
+        return NULL;
+    }
+    nbdfs_export_identity_read(h, &id);
+    diff = nbdfs_export_identity_diff(&m->identity, &id);
+    nbdfs_export_identity_clear(&id);
+    missing = missing_context(m, h);
+    if (diff || missing) {
         g_set_error(error, G_IO_ERROR, G_IO_ERROR_FAILED,
-                    "another connection to the same export saw a different export");
+                    "the server now offers a different export (%s%s%s%s)", diff ? diff : "",
+                    diff && missing ? "; " : "", missing ? missing : "",
+                    missing ? " is not offered" : "");
         nbd_close(h);
         return NULL;
     }
@@ -411,24 +552,24 @@ bool nbdfs_client_connect(NbdfsMount *m, unsigned connections, GError **error)
 {
     struct nbd_handle *h = nbdfs_handle_new(true, error);
     g_autoptr(GPtrArray) bitmap_names = NULL;
-    GPtrArray *conns;
+    g_autoptr(GPtrArray) conns = NULL;
 
     if (!h) {
         return false;
     }
-    if (!nbdfs_source_connect(m->source, h, error)) {
+    if (!nbdfs_source_connect(m->source, h, m->timeout, -1, error)) {
         nbd_close(h);
         return false;
     }
     if (nbd_aio_is_negotiating(h)) {
         NbdfsOption opt;
-        bitmap_names = list_bitmaps(h);
+        bitmap_names = list_bitmaps(m, h);
         nbd_add_meta_context(h, "base:allocation");
         for (guint i = 0; i < bitmap_names->len; i++) {
             nbd_add_meta_context(h, g_ptr_array_index(bitmap_names, i));
         }
         if (!nbdfs_option_wait(h, nbd_aio_opt_go(h, nbdfs_option_callback(&opt)), &opt,
-                               "cannot open the export", error)) {
+                               "cannot open the export", m->timeout, error)) {
             nbd_close(h);
             return false;
         }
@@ -442,19 +583,16 @@ bool nbdfs_client_connect(NbdfsMount *m, unsigned connections, GError **error)
     }
     read_properties(m, h, bitmap_names);
 
-    conns = g_ptr_array_new();
+    conns = g_ptr_array_new_with_free_func((GDestroyNotify)nbd_close);
     g_ptr_array_add(conns, h);
-    if (connections > 1 && nbd_can_multi_conn(h) != 1) {
+    if (connections > 1 && !m->identity.can_multi_conn) {
         g_debug("the server does not allow multi-conn: one connection");
         connections = 1;
     }
     while (conns->len < connections) {
-        struct nbd_handle *more = connect_another(m, error);
+        struct nbd_handle *more = connect_another(m, -1, error);
         if (!more) {
-            for (guint i = 0; i < conns->len; i++) {
-                nbd_close(g_ptr_array_index(conns, i));
-            }
-            g_ptr_array_unref(conns);
+            g_prefix_error(error, "connection %u: ", conns->len);
             return false;
         }
         g_ptr_array_add(conns, more);
@@ -463,18 +601,42 @@ bool nbdfs_client_connect(NbdfsMount *m, unsigned connections, GError **error)
     m->n_conns = conns->len;
     m->conns = g_new0(NbdfsConn *, m->n_conns);
     for (unsigned i = 0; i < m->n_conns; i++) {
-        m->conns[i] = conn_new(g_ptr_array_index(conns, i), i, error);
+        m->conns[i] = nbdfs_conn_new(m, g_ptr_array_index(conns, i), i, error);
         if (!m->conns[i]) {
-            for (unsigned j = i; j < m->n_conns; j++) {
-                nbd_close(g_ptr_array_index(conns, j));
-            }
-            g_ptr_array_unref(conns);
             nbdfs_client_stop(m);
             return false;
         }
+        g_ptr_array_index(conns, i) = NULL;    /* the connection owns it now */
     }
-    g_ptr_array_unref(conns);
     return true;
+}
+
+bool nbdfs_client_start(NbdfsMount *m, GError **error)
+{
+    for (unsigned i = 0; i < m->n_conns; i++) {
+        if (!nbdfs_conn_start_thread(m->conns[i], error)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+void nbdfs_client_stop(NbdfsMount *m)
+{
+    /* Every connection disconnects at once; then wait for them all. */
+    for (unsigned i = 0; i < m->n_conns; i++) {
+        if (m->conns[i]) {
+            nbdfs_conn_stop_thread(m->conns[i], false);
+        }
+    }
+    for (unsigned i = 0; i < m->n_conns; i++) {
+        if (m->conns[i]) {
+            nbdfs_conn_stop_thread(m->conns[i], true);
+            nbdfs_conn_free(m->conns[i]);
+        }
+    }
+    g_clear_pointer(&m->conns, g_free);
+    m->n_conns = 0;
 }
 
 /* ---- reconnection ---- */
@@ -485,207 +647,143 @@ static gpointer reconnect_thread(gpointer data)
 
     g_mutex_lock(&m->reconnect_lock);
     while (!m->reconnect_stop) {
-        g_cond_wait_until(&m->reconnect_cond, &m->reconnect_lock,
-                          g_get_monotonic_time() + G_USEC_PER_SEC / 2);
+        gint64 next = 0;
+
         for (unsigned i = 0; i < m->n_conns && !m->reconnect_stop; i++) {
             NbdfsConn *c = m->conns[i];
             g_autoptr(GError) error = NULL;
             struct nbd_handle *h;
 
-            if (!g_atomic_int_get(&c->dead) || g_atomic_pointer_get(&c->replacement)) {
+            if (nbdfs_conn_alive(c) || g_atomic_pointer_get(&c->replacement)) {
                 c->backoff = 0;
                 continue;
             }
             if (c->backoff && g_get_monotonic_time() < c->retry_at) {
+                next = next ? MIN(next, c->retry_at) : c->retry_at;
                 continue;
             }
             g_mutex_unlock(&m->reconnect_lock);
-            h = connect_another(m, &error);
+            h = connect_another(m, m->reconnect_cancel_fd, &error);
             g_mutex_lock(&m->reconnect_lock);
             if (!h) {
                 c->backoff = c->backoff ? MIN(c->backoff * 2, RECONNECT_MAX_S) : RECONNECT_FIRST_S;
                 c->retry_at = g_get_monotonic_time() + c->backoff * G_USEC_PER_SEC;
-                g_debug("connection %u: reconnecting failed (%s); next try in %u s", c->index,
-                        error->message, c->backoff);
+                next = next ? MIN(next, c->retry_at) : c->retry_at;
+                /* Said once; the later attempts only in the debug log. */
+                g_log(G_LOG_DOMAIN, c->backoff == RECONNECT_FIRST_S ? G_LOG_LEVEL_MESSAGE
+                                                                   : G_LOG_LEVEL_DEBUG,
+                      "connection %u: reconnecting failed: %s; next try in %u s",
+                      c->index, error->message, c->backoff);
                 continue;
-            }
-            if (nbd_aio_get_fd(h) >= 0) {
-                enlarge_socket_buffers(nbd_aio_get_fd(h));
             }
             g_atomic_pointer_set(&c->replacement, h);
             nbdfs_conn_wake(c);
+        }
+        if (m->reconnect_stop) {
+            break;
+        }
+        /* Until a connection dies, or the next retry is due. */
+        if (next) {
+            g_cond_wait_until(&m->reconnect_cond, &m->reconnect_lock, next);
+        } else {
+            g_cond_wait(&m->reconnect_cond, &m->reconnect_lock);
         }
     }
     g_mutex_unlock(&m->reconnect_lock);
     return NULL;
 }
 
-void nbdfs_client_start_reconnect(NbdfsMount *m)
+bool nbdfs_client_start_reconnect(NbdfsMount *m, GError **error)
 {
-    g_mutex_init(&m->reconnect_lock);
-    g_cond_init(&m->reconnect_cond);
-    m->reconnect_thread = g_thread_new("nbdfs-reconnect", reconnect_thread, m);
+    m->reconnect_cancel_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (m->reconnect_cancel_fd < 0) {
+        g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno), "eventfd: %s",
+                    g_strerror(errno));
+        return false;
+    }
+    m->reconnect_thread = g_thread_try_new("nbdfs-reconnect", reconnect_thread, m, error);
+    return m->reconnect_thread != NULL;
 }
 
-void nbdfs_client_stop_reconnect(NbdfsMount *m)
+void nbdfs_client_connection_died(NbdfsMount *m)
 {
     if (!m->reconnect_thread) {
         return;
     }
     g_mutex_lock(&m->reconnect_lock);
-    m->reconnect_stop = true;
     g_cond_signal(&m->reconnect_cond);
     g_mutex_unlock(&m->reconnect_lock);
-    g_thread_join(m->reconnect_thread);
-    m->reconnect_thread = NULL;
-    for (unsigned i = 0; i < m->n_conns; i++) {
-        nbd_close(g_atomic_pointer_exchange(&m->conns[i]->replacement, NULL));
-    }
-    g_mutex_clear(&m->reconnect_lock);
-    g_cond_clear(&m->reconnect_cond);
 }
 
-bool nbdfs_conn_adopt_replacement(NbdfsMount *m, NbdfsConn *c)
+void nbdfs_client_stop_reconnect(NbdfsMount *m)
+{
+    uint64_t one = 1;
+
+    if (m->reconnect_thread) {
+        g_mutex_lock(&m->reconnect_lock);
+        m->reconnect_stop = true;
+        g_cond_signal(&m->reconnect_cond);
+        g_mutex_unlock(&m->reconnect_lock);
+        /* A handshake in progress gives up at once. */
+        if (write(m->reconnect_cancel_fd, &one, sizeof(one)) < 0) {
+            g_debug("eventfd: %s", g_strerror(errno));
+        }
+        g_thread_join(m->reconnect_thread);
+        m->reconnect_thread = NULL;
+    }
+    if (m->reconnect_cancel_fd >= 0) {
+        close(m->reconnect_cancel_fd);
+        m->reconnect_cancel_fd = -1;
+    }
+}
+
+bool nbdfs_conn_adopt_replacement(NbdfsConn *c)
 {
     struct nbd_handle *h = g_atomic_pointer_exchange(&c->replacement, NULL);
+    struct nbd_handle *old;
 
     if (!h) {
         return false;
     }
-    nbd_close(c->nbd);             /* dead: nothing was in flight on it any more */
+    g_rw_lock_writer_lock(&c->handle_lock);
+    old = c->nbd;
     c->nbd = h;
+    g_rw_lock_writer_unlock(&c->handle_lock);
+    nbd_close(old);                /* dead: libnbd already failed what was in flight */
     /* What the server says may have changed while we were away. */
-    nbdfs_extent_cache_clear(m->allocation->cache);
-    for (guint i = 0; i < m->bitmaps->len; i++) {
-        nbdfs_extent_cache_clear(((NbdfsContext *)g_ptr_array_index(m->bitmaps, i))->cache);
-    }
+    nbdfs_contexts_forget(c->m);
     g_atomic_int_set(&c->dead, 0);
     g_message("connection %u to the server is back", c->index);
     return true;
 }
 
-static bool closed_or_dead(struct nbd_handle *h, void *data)
-{
-    (void)data;
-    return nbd_aio_is_closed(h) || nbd_aio_is_dead(h);
-}
-
-void nbdfs_client_stop(NbdfsMount *m)
-{
-    for (unsigned i = 0; i < m->n_conns; i++) {
-        NbdfsConn *c = m->conns[i];
-        gint64 deadline = g_get_monotonic_time() + DISCONNECT_TIMEOUT_MS * 1000;
-        if (!c) {
-            continue;
-        }
-        /* A polite NBD_CMD_DISC, but never wait long for a server that is gone. */
-        if (nbd_aio_is_ready(c->nbd) || nbd_aio_is_processing(c->nbd)) {
-            nbd_aio_disconnect(c->nbd, 0);
-            while (!closed_or_dead(c->nbd, NULL) && g_get_monotonic_time() < deadline) {
-                if (nbd_poll(c->nbd, 100) == -1) {
-                    break;
-                }
-            }
-        }
-        nbd_close(c->nbd);
-        close(c->wake_fd);
-        g_free(c);
-    }
-    g_clear_pointer(&m->conns, g_free);
-    m->n_conns = 0;
-}
-
-/* ---- block status ---- */
+/* ---- FUSE requests served by NBD commands ---- */
 
 typedef struct {
-    gint done;
+    GMutex lock;
+    GCond cond;
+    bool done;
     int error;
-    const char *context;
-    bool have;                     /* the context's chunk arrived */
-    GArray *extents;
-    uint64_t start;
-} StatusWait;
-
-static int status_extents(void *data, const char *metacontext, uint64_t offset,
-                          nbd_extent *entries, size_t n, int *error)
-{
-    StatusWait *w = data;
-
-    /* Without the payload form the server answers for every context: keep ours. */
-    if (*error || w->have || strcmp(metacontext, w->context) != 0) {
-        return 0;
-    }
-    w->have = true;
-    w->start = offset;
-    g_array_append_vals(w->extents, entries, n);
-    return 0;
-}
-
-static int status_done(void *data, int *error)
-{
-    StatusWait *w = data;
-
-    w->error = *error;
-    g_atomic_int_set(&w->done, 1);
-    return 1;
-}
-
-static bool status_finished(gpointer data)
-{
-    return g_atomic_int_get(&((StatusWait *)data)->done);
-}
-
-int nbdfs_client_block_status(NbdfsMount *m, NbdfsContext *ctx, uint64_t offset,
-                              GArray *extents, uint64_t *start)
-{
-    StatusWait w = { .context = ctx->name, .extents = extents };
-    uint64_t from = offset - offset % m->min_block;
-    uint64_t count = m->size - from;
-    nbd_extent64_callback on_extents = { .callback = status_extents, .user_data = &w };
-    nbd_completion_callback on_done = { .callback = status_done, .user_data = &w };
-    NbdfsConn *c = nbdfs_loop_conn(m);
-    int64_t r;
-    int err;
-
-    /* Ask about as much as the protocol allows: the server stops where it likes. */
-    if (!m->extended && count > MAX_COMPACT_STATUS) {
-        count = MAX_COMPACT_STATUS - MAX_COMPACT_STATUS % m->min_block;
-    }
-    g_debug("block status of %s from %" G_GUINT64_FORMAT, ctx->name, from);
-    if (m->can_payload) {
-        char *only[] = { ctx->name, NULL };
-        r = nbd_aio_block_status_filter(c->nbd, count, from, only, on_extents, on_done, 0);
-    } else {
-        r = nbd_aio_block_status_64(c->nbd, count, from, on_extents, on_done, 0);
-    }
-    err = conn_issued(c, r);
-    if (!err) {
-        /* The reply comes on this thread's connection: drive it until then. */
-        nbdfs_loop_wait(m, status_finished, &w);
-        err = w.error;
-        if (!err && (!w.have || extents->len == 0)) {
-            g_warning("block status of %s: the server sent no extents", ctx->name);
-            err = EIO;
-        }
-    }
-    *start = w.start;
-    return err;
-}
-
-/* ---- FUSE requests served by NBD commands ---- */
+} IoWaiter;
 
 struct NbdfsIo {
     NbdfsMount *m;
     fuse_req_t req;
     NbdfsReplyKind kind;
     char *buf;
+    bool own_buf;                  /* buf is ours to free */
     void *adopted;                 /* a request buffer taken from libfuse (free()) */
-    size_t reply_offset, reply_length;
-    uint64_t written;              /* NBDFS_REPLY_WRITE: the count replied */
+    size_t reply_offset, reply_length;   /* DATA: the slice; WRITE: the count */
     bool changes;                  /* write-type commands: [lo, hi) changed */
     uint64_t lo, hi;
-    bool write_behind;             /* [lo, hi) is pending until the commands complete */
-    gint pending;                  /* commands in flight, plus one while issuing */
+    bool is_write;                 /* nbdfs_io_set_writer() */
+    NbdfsFile *writer;             /* a reference; NULL: the page cache (FLUSH: who asked) */
+    bool reserved;                 /* [res_lo, res_hi) is in the write-behind table */
+    uint64_t res_lo, res_hi;
+    bool is_flush;
+    uint64_t flush_covers;         /* nbdfs_files_flush_begin() */
+    IoWaiter *waiter;              /* nbdfs_io_run() */
+    gint refs;                     /* commands not yet released, plus one while issuing */
     gint error;                    /* the first errno */
 };
 
@@ -699,15 +797,28 @@ NbdfsIo *nbdfs_io_new(NbdfsMount *m, fuse_req_t req, NbdfsReplyKind kind, size_t
     io->kind = kind;
     if (buf_size) {
         io->buf = zeroed ? g_malloc0(buf_size) : g_malloc(buf_size);
+        io->own_buf = true;
     }
     io->reply_length = buf_size;
-    io->pending = 1;
+    io->refs = 1;
+    g_mutex_lock(&m->ios_lock);
+    m->ios_alive++;
+    g_mutex_unlock(&m->ios_lock);
     return io;
 }
 
 char *nbdfs_io_buffer(NbdfsIo *io)
 {
     return io->buf;
+}
+
+void nbdfs_io_set_buffer(NbdfsIo *io, char *buf)
+{
+    if (io->own_buf) {
+        g_free(io->buf);
+    }
+    io->buf = buf;
+    io->own_buf = false;
 }
 
 void nbdfs_io_adopt(NbdfsIo *io, void *mem)
@@ -731,70 +842,79 @@ int nbdfs_io_error(NbdfsIo *io)
     return g_atomic_int_get(&io->error);
 }
 
-void nbdfs_io_write_behind(NbdfsIo *io)
+void nbdfs_io_set_writer(NbdfsIo *io, NbdfsFile *file, bool reserved, uint64_t offset,
+                         uint64_t length)
 {
-    io->write_behind = true;
+    io->is_write = true;
+    io->writer = file ? nbdfs_file_ref(file) : NULL;
+    io->reserved = reserved;
+    io->res_lo = offset;
+    io->res_hi = offset + length;
 }
 
 static void io_finish(NbdfsIo *io)
 {
+    NbdfsMount *m = io->m;
     int err = g_atomic_int_get(&io->error);
 
     /* Before the reply: whoever asks next must not see the old status. */
     if (io->changes) {
-        nbdfs_contexts_changed(io->m, io->lo, io->hi - io->lo);
+        nbdfs_contexts_changed(m, io->lo, io->hi - io->lo);
     }
-    if (io->write_behind) {
-        nbdfs_pending_end(io->m, io->lo, io->hi - io->lo, err);
+    /* Errors are recorded before the range is free, so a drain sees them. */
+    if (io->is_write) {
+        /* A synchronous write's error goes to its caller, not to a later fsync. */
+        nbdfs_files_write_done(m, io->writer, err, io->req != NULL || io->waiter != NULL,
+                               io->lo, io->hi - io->lo);
+        nbdfs_file_unref(io->writer);
     }
-    if (!io->req) {
+    if (io->reserved) {
+        nbdfs_pending_end(m, io->res_lo, io->res_hi - io->res_lo);
+    }
+    if (io->is_flush) {
+        nbdfs_files_flush_done(m, io->flush_covers, err, io->writer);
+        nbdfs_file_unref(io->writer);
+    }
+    if (io->waiter) {
+        IoWaiter *w = io->waiter;
+        g_mutex_lock(&w->lock);
+        w->done = true;
+        w->error = err;
+        g_cond_signal(&w->cond);
+        g_mutex_unlock(&w->lock);
+    } else if (!io->req) {
         /* Answered already (write-behind). */
     } else if (err) {
         fuse_reply_err(io->req, nbdfs_errno(err));
     } else if (io->kind == NBDFS_REPLY_DATA) {
         fuse_reply_buf(io->req, io->buf + io->reply_offset, io->reply_length);
     } else if (io->kind == NBDFS_REPLY_WRITE) {
-        fuse_reply_write(io->req, io->written);
+        fuse_reply_write(io->req, io->reply_length);
     } else {
         fuse_reply_err(io->req, 0);
     }
-    g_free(io->buf);
+    if (io->own_buf) {
+        g_free(io->buf);
+    }
     free(io->adopted);
     g_free(io);
+
+    g_mutex_lock(&m->ios_lock);
+    if (--m->ios_alive == 0) {
+        g_cond_broadcast(&m->ios_cond);
+    }
+    g_mutex_unlock(&m->ios_lock);
 }
 
-static void io_put(NbdfsIo *io)
+void nbdfs_io_ref(NbdfsIo *io)
 {
-    if (g_atomic_int_dec_and_test(&io->pending)) {
+    g_atomic_int_inc(&io->refs);
+}
+
+void nbdfs_io_unref(NbdfsIo *io)
+{
+    if (g_atomic_int_dec_and_test(&io->refs)) {
         io_finish(io);
-    }
-}
-
-static int io_command_done(void *data, int *error)
-{
-    NbdfsIo *io = data;
-
-    if (*error) {
-        nbdfs_io_fail(io, *error);
-    }
-    io_put(io);
-    return 1;                      /* retire the command: nobody polls for it */
-}
-
-static nbd_completion_callback io_callback(NbdfsIo *io)
-{
-    g_atomic_int_inc(&io->pending);
-    return (nbd_completion_callback){ .callback = io_command_done, .user_data = io };
-}
-
-/* After issuing on C: a command that could not be issued never completes. */
-static void io_issued(NbdfsIo *io, NbdfsConn *c, int64_t r)
-{
-    int err = conn_issued(c, r);
-
-    if (err) {
-        nbdfs_io_fail(io, err);
-        io_put(io);
     }
 }
 
@@ -814,9 +934,9 @@ void nbdfs_io_pread(NbdfsIo *io, size_t buf_offset, uint64_t offset, uint64_t le
 {
     for (uint64_t done = 0; done < length;) {
         uint64_t n = MIN(length - done, io->m->max_io);
-        NbdfsConn *c = nbdfs_loop_conn(io->m);
-        io_issued(io, c, nbd_aio_pread(c->nbd, io->buf + buf_offset + done, n, offset + done,
-                                       io_callback(io), 0));
+        nbdfs_conn_issue(io->m, io, &(NbdfsCommand){
+            .kind = NBDFS_CMD_READ, .buf = io->buf + buf_offset + done, .count = n,
+            .offset = offset + done });
         done += n;
     }
 }
@@ -825,12 +945,11 @@ void nbdfs_io_pwrite(NbdfsIo *io, const void *data, uint64_t offset, uint64_t le
                      uint32_t flags)
 {
     io_changes(io, offset, length);
-    io->written += length;
     for (uint64_t done = 0; done < length;) {
         uint64_t n = MIN(length - done, io->m->max_io);
-        NbdfsConn *c = nbdfs_loop_conn(io->m);
-        io_issued(io, c, nbd_aio_pwrite(c->nbd, (const char *)data + done, n, offset + done,
-                                        io_callback(io), flags));
+        nbdfs_conn_issue(io->m, io, &(NbdfsCommand){
+            .kind = NBDFS_CMD_WRITE, .buf = (char *)data + done, .count = n,
+            .offset = offset + done, .flags = flags });
         done += n;
     }
 }
@@ -842,21 +961,95 @@ void nbdfs_io_zero(NbdfsIo *io, uint64_t offset, uint64_t length, uint32_t flags
     io_changes(io, offset, length);
     for (uint64_t done = 0; done < length;) {
         uint64_t n = MIN(length - done, chunk);
-        NbdfsConn *c = nbdfs_loop_conn(io->m);
-        io_issued(io, c, nbd_aio_zero(c->nbd, n, offset + done, io_callback(io), flags));
+        nbdfs_conn_issue(io->m, io, &(NbdfsCommand){
+            .kind = NBDFS_CMD_ZERO, .count = n, .offset = offset + done, .flags = flags });
         done += n;
     }
 }
 
-void nbdfs_io_flush(NbdfsIo *io)
+void nbdfs_io_flush(NbdfsIo *io, NbdfsFile *issuer)
 {
     /* Multi-conn: a flush on one connection covers writes answered on all. */
-    NbdfsConn *c = nbdfs_loop_conn(io->m);
-
-    io_issued(io, c, nbd_aio_flush(c->nbd, io_callback(io), 0));
+    io->is_flush = true;
+    io->writer = issuer ? nbdfs_file_ref(issuer) : NULL;
+    io->flush_covers = nbdfs_files_flush_begin(io->m);
+    nbdfs_conn_issue(io->m, io, &(NbdfsCommand){ .kind = NBDFS_CMD_FLUSH });
 }
 
 void nbdfs_io_submit(NbdfsIo *io)
 {
-    io_put(io);
+    nbdfs_io_unref(io);
+}
+
+int nbdfs_io_run(NbdfsIo *io)
+{
+    IoWaiter w = { .done = false };
+    int err;
+
+    g_assert(!io->req);
+    g_mutex_init(&w.lock);
+    g_cond_init(&w.cond);
+    io->waiter = &w;
+    nbdfs_io_unref(io);
+    /* Ends: the I/O thread completes or fails each command by its deadline. */
+    g_mutex_lock(&w.lock);
+    while (!w.done) {
+        g_cond_wait(&w.cond, &w.lock);
+    }
+    err = w.error;
+    g_mutex_unlock(&w.lock);
+    g_mutex_clear(&w.lock);
+    g_cond_clear(&w.cond);
+    return err;
+}
+
+/* ---- block status ---- */
+
+typedef struct {
+    const char *context;
+    bool have;                     /* the context's chunk arrived */
+    GArray *extents;
+    uint64_t start;
+} StatusAnswer;
+
+static int status_extents(void *data, const char *metacontext, uint64_t offset,
+                          nbd_extent *entries, size_t n, int *error)
+{
+    StatusAnswer *a = data;
+
+    /* Without the payload form the server answers for every context: keep ours. */
+    if (*error || a->have || strcmp(metacontext, a->context) != 0) {
+        return 0;
+    }
+    a->have = true;
+    a->start = offset;
+    g_array_append_vals(a->extents, entries, n);
+    return 0;
+}
+
+int nbdfs_client_block_status(NbdfsMount *m, NbdfsContext *ctx, uint64_t offset,
+                              GArray *extents, uint64_t *start)
+{
+    StatusAnswer a = { .context = ctx->name, .extents = extents };
+    uint64_t from = offset - offset % m->min_block;
+    uint64_t count = m->size - from;
+    NbdfsIo *io = nbdfs_io_new(m, NULL, NBDFS_REPLY_NONE, 0, false);
+    int err;
+
+    /* Ask about as much as the protocol allows: the server stops where it likes. */
+    if (!m->extended && count > MAX_COMPACT_STATUS) {
+        count = MAX_COMPACT_STATUS - MAX_COMPACT_STATUS % m->min_block;
+    }
+    g_debug("block status of %s from %" G_GUINT64_FORMAT, ctx->name, from);
+    nbdfs_conn_issue(m, io, &(NbdfsCommand){
+        .kind = NBDFS_CMD_BLOCK_STATUS, .count = count, .offset = from,
+        .context = m->can_payload ? ctx->name : NULL,
+        .extents = { .callback = status_extents, .user_data = &a } });
+    err = nbdfs_io_run(io);
+    if (!err && (!a.have || extents->len == 0)) {
+        g_warning("block status of %s: the server sent no extents", ctx->name);
+        err = EIO;
+    }
+    *start = a.start;
+    return err;
 }

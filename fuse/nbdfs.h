@@ -9,6 +9,7 @@
 /* Each subcommand's entry point: argv[0] is the subcommand's name. */
 int nbdfs_cmd_serve(int argc, char **argv);
 int nbdfs_cmd_mount(int argc, char **argv);
+int nbdfs_cmd_umount(int argc, char **argv);
 int nbdfs_cmd_info(int argc, char **argv);
 int nbdfs_cmd_bitmap(int argc, char **argv);
 
@@ -21,6 +22,9 @@ void nbdfs_error(const char *subcommand, const char *fmt, ...) G_GNUC_PRINTF(2, 
  */
 gboolean nbdfs_parse_options(const char *subcommand, const char *params, const char *summary,
                              const GOptionEntry *entries, int *argc, char ***argv);
+
+/* --format FMT: only "raw" (or none: detect, and refuse other formats). */
+gboolean nbdfs_check_format(const char *subcommand, const char *format);
 
 /*
  * Fork; the parent exits once the child calls nbdfs_daemon_ready() (0) or

@@ -11,7 +11,9 @@
  * mount clear; opening a file (and reading a text file from offset 0) also
  * refetches from the server, so changes made elsewhere show up too.  The
  * text files are rendered once per open into a snapshot served with
- * direct_io (their size is only known by rendering them).
+ * direct_io (their size is only known by rendering them).  Rendering waits
+ * for the server, so it never runs under the open file's lock, which only
+ * guards swapping the snapshot in and copying out of it.
  */
 #include "mount.h"
 
@@ -196,6 +198,7 @@ void nbdfs_dirty_read(fuse_req_t req, NbdfsMount *m, NbdfsContext *bitmap, Nbdfs
     DirtyText *t = (DirtyText *)(uintptr_t)fi->fh;
     g_autofree char *data = NULL;
     size_t length = 0;
+    bool rerender;
     int err = 0;
 
     if (kind == NBDFS_DIRTY_IMG) {
@@ -203,12 +206,27 @@ void nbdfs_dirty_read(fuse_req_t req, NbdfsMount *m, NbdfsContext *bitmap, Nbdfs
         return;
     }
     g_mutex_lock(&t->lock);
-    if (off == 0 && !t->fresh) {
-        /* Reading from the start again: show the bitmap as it is now. */
-        nbdfs_extent_cache_clear(bitmap->cache);
-        err = render(m, bitmap, kind, t->text);
-    }
+    rerender = off == 0 && !t->fresh;
     t->fresh = false;
+    g_mutex_unlock(&t->lock);
+    if (rerender) {
+        /*
+         * Reading from the start again: show the bitmap as it is now.  Rendered
+         * without the lock (it waits for the server); then swapped in.
+         */
+        g_autoptr(GString) text = g_string_new(NULL);
+        nbdfs_extent_cache_clear(bitmap->cache);
+        err = render(m, bitmap, kind, text);
+        if (!err) {
+            GString *old;
+            g_mutex_lock(&t->lock);
+            old = t->text;
+            t->text = g_steal_pointer(&text);
+            g_mutex_unlock(&t->lock);
+            g_string_free(old, TRUE);
+        }
+    }
+    g_mutex_lock(&t->lock);
     if (!err && off >= 0 && (uint64_t)off < t->text->len) {
         length = MIN(size, t->text->len - off);
         data = g_memdup2(t->text->str + off, length);

@@ -2,6 +2,17 @@
  * The export file: its bytes, its holes and its allocation.  Data requests
  * become asynchronous NBD commands answered from their completions; lseek
  * and st_blocks come from base:allocation through the extent cache.
+ *
+ * Writes, zeroes and punches reserve their range (rounded out to the
+ * server's minimum block size) in the write-behind table before anything
+ * else, so overlapping writes are serialized; one that does not cover whole
+ * blocks reads the blocks at its edges first and writes them back whole
+ * (read-modify-write).
+ *
+ * Durability: an O_SYNC/O_DSYNC write is answered once it is stable: sent
+ * with FUA when the server has it, else followed by a FLUSH.  fsync sends a
+ * FLUSH when a write completed since the last one.  Errors follow
+ * open-files.c.
  */
 #include "mount.h"
 
@@ -17,6 +28,11 @@
 #define MAX_ZERO_WRITE (UINT64_C(256) << 20)
 
 static const char zero_buffer[NBDFS_MAX_FUSE_IO];
+
+static NbdfsFile *file_of(struct fuse_file_info *fi)
+{
+    return (NbdfsFile *)(uintptr_t)fi->fh;
+}
 
 int nbdfs_export_getattr(NbdfsMount *m, struct stat *st)
 {
@@ -34,13 +50,15 @@ int nbdfs_export_getattr(NbdfsMount *m, struct stat *st)
 
 void nbdfs_export_open(fuse_req_t req, NbdfsMount *m, struct fuse_file_info *fi)
 {
-    if (m->read_only && (fi->flags & O_ACCMODE) != O_RDONLY) {
+    bool writable = (fi->flags & O_ACCMODE) != O_RDONLY;
+
+    if (m->read_only && writable) {
         fuse_reply_err(req, EROFS);
         return;
     }
     fi->keep_cache = m->keep_cache;
     /* close(2) of a writer reports failures of writes answered early. */
-    fi->noflush = (fi->flags & O_ACCMODE) == O_RDONLY;
+    fi->noflush = !writable;
     /*
      * A write-only descriptor cannot read, so the page cache does nothing for
      * it: its writes come to us straight from the caller's buffer (one copy
@@ -51,7 +69,19 @@ void nbdfs_export_open(fuse_req_t req, NbdfsMount *m, struct fuse_file_info *fi)
         /* Close-to-open: another client may have changed a shared export. */
         nbdfs_extent_cache_clear(m->allocation->cache);
     }
-    fuse_reply_open(req, fi);
+    fi->fh = (uintptr_t)nbdfs_file_open(m, writable);
+    if (fuse_reply_open(req, fi) != 0) {
+        /* The opener is gone (interrupted): no release will come. */
+        nbdfs_export_release(m, fi);
+    }
+}
+
+void nbdfs_export_release(NbdfsMount *m, struct fuse_file_info *fi)
+{
+    if (fi->fh) {
+        nbdfs_file_release(m, file_of(fi));
+        fi->fh = 0;
+    }
 }
 
 void nbdfs_export_setattr(fuse_req_t req, NbdfsMount *m, struct stat *attr, int to_set)
@@ -85,10 +115,26 @@ static void align_out(const NbdfsMount *m, uint64_t *lo, uint64_t *hi)
     }
 }
 
-static bool is_aligned(const NbdfsMount *m, uint64_t offset, uint64_t length)
+/*
+ * Read-modify-write: BUF covers [LO, HI), [OFF, END) rounded out to whole
+ * blocks; read the blocks at the edges that [OFF, END) covers only in part.
+ * The caller holds the range in the write-behind table.  0 or an errno.
+ */
+static int read_edges(NbdfsMount *m, char *buf, uint64_t lo, uint64_t hi, uint64_t off,
+                      uint64_t end)
 {
-    return offset % m->min_block == 0 && (length % m->min_block == 0 ||
-                                          offset + length == m->size);
+    NbdfsIo *io = nbdfs_io_new(m, NULL, NBDFS_REPLY_NONE, 0, false);
+    uint64_t head_end = MIN(lo + m->min_block, hi);
+    uint64_t tail_lo = end - end % m->min_block;
+
+    nbdfs_io_set_buffer(io, buf);
+    if (off > lo) {
+        nbdfs_io_pread(io, 0, lo, head_end - lo);
+    }
+    if (end < hi && !(off > lo && tail_lo < head_end)) {
+        nbdfs_io_pread(io, tail_lo - lo, tail_lo, hi - tail_lo);
+    }
+    return nbdfs_io_run(io);
 }
 
 void nbdfs_export_read(fuse_req_t req, NbdfsMount *m, size_t size, off_t off)
@@ -110,13 +156,34 @@ void nbdfs_export_read(fuse_req_t req, NbdfsMount *m, size_t size, off_t off)
     nbdfs_io_submit(io);
 }
 
-void nbdfs_export_write(fuse_req_t req, NbdfsMount *m, const char *buf, size_t size, off_t off,
-                        int open_flags)
+/* O_DSYNC without FUA: the write, then a FLUSH, then the reply. */
+static void write_then_flush(fuse_req_t req, NbdfsMount *m, NbdfsIo *io, NbdfsFile *f,
+                             uint64_t length)
 {
-    /* O_SYNC and O_DSYNC writes are answered once the server has them. */
-    bool sync = (open_flags & O_DSYNC) != 0;
-    uint64_t length;
-    void *owned;
+    int err = nbdfs_io_run(io);
+
+    if (!err) {
+        NbdfsIo *flush = nbdfs_io_new(m, NULL, NBDFS_REPLY_NONE, 0, false);
+        nbdfs_io_flush(flush, f);
+        err = nbdfs_io_run(flush);
+    }
+    if (err) {
+        fuse_reply_err(req, nbdfs_errno(err));
+    } else {
+        fuse_reply_write(req, length);
+    }
+}
+
+void nbdfs_export_write(fuse_req_t req, NbdfsMount *m, const char *buf, size_t size, off_t off,
+                        struct fuse_file_info *fi)
+{
+    /* O_SYNC and O_DSYNC writes (and RWF_DSYNC ones) are answered once stable. */
+    bool sync = (fi->flags & O_DSYNC) != 0;
+    bool flush_after = sync && !m->can_fua && m->can_flush;
+    /* A write-back from the page cache: any writer may have made it. */
+    NbdfsFile *f = fi->writepage ? NULL : file_of(fi);
+    uint64_t length, lo, hi;
+    const char *data = buf;
     NbdfsIo *io;
     int err;
 
@@ -129,28 +196,48 @@ void nbdfs_export_write(fuse_req_t req, NbdfsMount *m, const char *buf, size_t s
         return;
     }
     length = MIN(size, m->size - off);        /* a short write at the end */
-    if (!is_aligned(m, off, length)) {
-        fuse_reply_err(req, EINVAL);
+    lo = off;
+    hi = off + length;
+    align_out(m, &lo, &hi);
+    nbdfs_pending_begin(m, lo, hi - lo);
+
+    io = nbdfs_io_new(m, sync && !flush_after ? req : NULL, NBDFS_REPLY_WRITE, 0, false);
+    nbdfs_io_reply_slice(io, 0, length);
+    nbdfs_io_set_writer(io, f, true, lo, hi - lo);
+    if (lo != (uint64_t)off || hi != off + length) {
+        /* Read-modify-write of the blocks at the edges. */
+        char *whole = g_malloc(hi - lo);
+        err = read_edges(m, whole, lo, hi, off, off + length);
+        memcpy(whole + (off - lo), buf, length);
+        nbdfs_io_adopt(io, whole);
+        data = whole;
+        if (err) {
+            nbdfs_io_fail(io, err);
+        }
+    } else {
+        /*
+         * The data must outlive this call: take the request's buffer from
+         * libfuse (it reads the next request into a new one), or copy it.
+         */
+        void *owned = nbdfs_loop_take_request_buffer(buf);
+        if (owned) {
+            nbdfs_io_adopt(io, owned);
+        } else {
+            data = g_memdup2(buf, length);
+            nbdfs_io_adopt(io, (void *)data);
+        }
+    }
+    if (!nbdfs_io_error(io)) {
+        nbdfs_io_pwrite(io, data, lo, hi - lo, sync && m->can_fua ? LIBNBD_CMD_FLAG_FUA : 0);
+    }
+    if (flush_after) {
+        write_then_flush(req, m, io, f, length);
         return;
     }
-    nbdfs_pending_begin(m, off, length);
-    /*
-     * The data must outlive this call: take the request's buffer from libfuse
-     * (it reads the next request into a new one), or else copy it.
-     */
-    owned = nbdfs_loop_take_request_buffer(buf);
-    io = nbdfs_io_new(m, sync ? req : NULL, NBDFS_REPLY_WRITE, owned ? 0 : length, false);
-    nbdfs_io_write_behind(io);
-    if (owned) {
-        nbdfs_io_adopt(io, owned);
-    } else {
-        buf = memcpy(nbdfs_io_buffer(io), buf, length);
-    }
-    nbdfs_io_pwrite(io, buf, off, length, sync && m->can_fua ? LIBNBD_CMD_FLAG_FUA : 0);
     err = nbdfs_io_error(io);
     nbdfs_io_submit(io);
     if (sync) {
-        return;
+        return;                               /* replied from the completion */
     }
     if (err) {
         fuse_reply_err(req, nbdfs_errno(err));
@@ -159,32 +246,55 @@ void nbdfs_export_write(fuse_req_t req, NbdfsMount *m, const char *buf, size_t s
     }
 }
 
-void nbdfs_export_fsync(fuse_req_t req, NbdfsMount *m)
+void nbdfs_export_fsync(fuse_req_t req, NbdfsMount *m, struct fuse_file_info *fi)
 {
-    int err = nbdfs_pending_drain(m, true);
+    NbdfsFile *f = fi ? file_of(fi) : NULL;
     NbdfsIo *io;
+    int err;
 
-    if (err || m->read_only || !m->can_flush) {
-        fuse_reply_err(req, err ? nbdfs_errno(err) : 0);
+    /* Writes answered early must be done (and their errors known). */
+    nbdfs_pending_drain(m);
+    err = f ? nbdfs_file_take_error(m, f, true) : 0;
+    if (err || m->read_only || !m->can_flush || !nbdfs_files_need_flush(m)) {
+        fuse_reply_err(req, err);
         return;
     }
     io = nbdfs_io_new(m, req, NBDFS_REPLY_NONE, 0, false);
-    nbdfs_io_flush(io);
+    nbdfs_io_flush(io, f);
     nbdfs_io_submit(io);
 }
 
-void nbdfs_export_flush(fuse_req_t req, NbdfsMount *m)
+void nbdfs_export_flush(fuse_req_t req, NbdfsMount *m, struct fuse_file_info *fi)
 {
     /* close(2): report what became of the writes answered early. */
-    int err = nbdfs_pending_drain(m, true);
-
-    fuse_reply_err(req, err ? nbdfs_errno(err) : 0);
+    nbdfs_pending_drain(m);
+    fuse_reply_err(req, fi->fh ? nbdfs_file_take_error(m, file_of(fi), false) : 0);
 }
 
-void nbdfs_export_fallocate(fuse_req_t req, NbdfsMount *m, int mode, off_t off, off_t length)
+/* Zero [LO, HI) (whole blocks) through IO: WRITE_ZEROES, or writes of zeros. */
+static void zero_blocks(NbdfsMount *m, NbdfsIo *io, uint64_t lo, uint64_t hi, bool keep)
+{
+    if (lo >= hi) {
+        return;
+    }
+    if (m->can_zero) {
+        /*
+         * A punch is WRITE_ZEROES that may deallocate (reads return zeros,
+         * which a bare TRIM does not promise); ZERO_RANGE keeps the space.
+         */
+        nbdfs_io_zero(io, lo, hi - lo, keep ? LIBNBD_CMD_FLAG_NO_HOLE : 0);
+        return;
+    }
+    for (uint64_t pos = lo; pos < hi; pos += sizeof(zero_buffer)) {
+        nbdfs_io_pwrite(io, zero_buffer, pos, MIN(sizeof(zero_buffer), hi - pos), 0);
+    }
+}
+
+void nbdfs_export_fallocate(fuse_req_t req, NbdfsMount *m, int mode, off_t off, off_t length,
+                            struct fuse_file_info *fi)
 {
     bool keep_size = mode & FALLOC_FL_KEEP_SIZE;
-    uint64_t end;
+    uint64_t end, lo, hi, inner_lo, inner_hi;
     NbdfsIo *io;
 
     mode &= ~FALLOC_FL_KEEP_SIZE;
@@ -213,26 +323,38 @@ void nbdfs_export_fallocate(fuse_req_t req, NbdfsMount *m, int mode, off_t off, 
         return;
     }
     end = MIN((uint64_t)off + length, m->size);
-    if (!is_aligned(m, off, end - off)) {
-        fuse_reply_err(req, EINVAL);
+    if (!m->can_zero && end - off > MAX_ZERO_WRITE) {
+        fuse_reply_err(req, EOPNOTSUPP);
         return;
     }
+    lo = off;
+    hi = end;
+    align_out(m, &lo, &hi);
+    /* The whole blocks inside [off, end): zeroed directly; the edges are rewritten. */
+    inner_lo = lo == (uint64_t)off ? lo : MIN(lo + m->min_block, hi);
+    inner_hi = hi == end ? hi : MAX(end - end % m->min_block, inner_lo);
 
-    nbdfs_pending_wait_range(m, off, end - off);
+    nbdfs_pending_begin(m, lo, hi - lo);
     io = nbdfs_io_new(m, req, NBDFS_REPLY_NONE, 0, false);
-    if (m->can_zero) {
-        /*
-         * A punch is WRITE_ZEROES that may deallocate (reads return zeros,
-         * which a bare TRIM does not promise); ZERO_RANGE keeps the space.
-         */
-        nbdfs_io_zero(io, off, end - off,
-                      mode == FALLOC_FL_ZERO_RANGE ? LIBNBD_CMD_FLAG_NO_HOLE : 0);
-    } else if (end - off <= MAX_ZERO_WRITE) {
-        for (uint64_t pos = off; pos < end; pos += sizeof(zero_buffer)) {
-            nbdfs_io_pwrite(io, zero_buffer, pos, MIN(sizeof(zero_buffer), end - pos), 0);
+    nbdfs_io_set_writer(io, file_of(fi), true, lo, hi - lo);
+    if (inner_lo != lo || inner_hi != hi) {
+        char *edges = g_malloc(hi - lo);
+        int err = read_edges(m, edges, lo, hi, off, end);
+        nbdfs_io_adopt(io, edges);
+        if (err) {
+            nbdfs_io_fail(io, err);
+        } else {
+            memset(edges + (off - lo), 0, end - off);
+            if (inner_lo > lo) {
+                nbdfs_io_pwrite(io, edges, lo, inner_lo - lo, 0);
+            }
+            if (inner_hi < hi) {
+                nbdfs_io_pwrite(io, edges + (inner_hi - lo), inner_hi, hi - inner_hi, 0);
+            }
         }
-    } else {
-        nbdfs_io_fail(io, EOPNOTSUPP);
+    }
+    if (!nbdfs_io_error(io)) {
+        zero_blocks(m, io, inner_lo, inner_hi, mode == FALLOC_FL_ZERO_RANGE);
     }
     nbdfs_io_submit(io);
 }

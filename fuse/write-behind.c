@@ -4,15 +4,16 @@
  * one.  Until the server answers, the write's range is pending:
  *
  *   - a read or another write overlapping it waits (an NBD server may run
- *     the requests of a connection in any order);
- *   - block-status queries, fallocate, fsync and close wait for every
- *     pending write;
- *   - a failure is kept, and the next fsync or close reports it (as a
- *     kernel's own write-back does).
+ *     requests in any order, and several connections race anyway);
+ *   - block-status queries, fsync and close wait for every write reserved
+ *     before them (not for later ones: a busy writer cannot starve them);
+ *   - a failure reaches the files that wrote it (open-files.c).
  *
- * Waiting happens in the worker's nested loop (loop.c), which keeps driving
- * its own connection; a completion on any thread wakes the waiters.  The
- * bytes pending are bounded, which bounds memory and what a failure can lose.
+ * Waits are on a condition variable that completions signal; they end
+ * within the request timeout, because the I/O threads complete or fail
+ * every command by its deadline.  The lock is a leaf: never held across a
+ * wait or a libnbd call.  The bytes pending are bounded, which bounds memory
+ * and what a failure can lose.
  */
 #include "mount.h"
 
@@ -23,15 +24,16 @@
 
 typedef struct {
     uint64_t start, end;
+    uint64_t seq;                  /* reservation order */
 } Range;
 
 struct NbdfsPending {
     GMutex lock;
+    GCond changed;                 /* a range ended */
     GArray *ranges;                /* Range: the writes in flight */
     uint64_t bytes;
-    int error;                     /* the first failure not yet reported */
+    uint64_t next_seq;
     gint count;                    /* ranges->len, readable without the lock */
-    gint waiters;
 };
 
 NbdfsPending *nbdfs_pending_new(void)
@@ -39,7 +41,9 @@ NbdfsPending *nbdfs_pending_new(void)
     NbdfsPending *p = g_new0(NbdfsPending, 1);
 
     g_mutex_init(&p->lock);
+    g_cond_init(&p->changed);
     p->ranges = g_array_new(FALSE, FALSE, sizeof(Range));
+    p->next_seq = 1;
     return p;
 }
 
@@ -48,66 +52,46 @@ void nbdfs_pending_free(NbdfsPending *p)
     if (p) {
         g_array_unref(p->ranges);
         g_mutex_clear(&p->lock);
+        g_cond_clear(&p->changed);
         g_free(p);
     }
 }
 
-static bool overlaps_locked(NbdfsPending *p, uint64_t start, uint64_t end)
+/* Does a pending write reserved before SEQ overlap [START, END)? */
+static bool busy_locked(NbdfsPending *p, uint64_t start, uint64_t end, uint64_t seq)
 {
     for (guint i = 0; i < p->ranges->len; i++) {
         const Range *r = &g_array_index(p->ranges, Range, i);
-        if (r->start < end && start < r->end) {
+        if (r->seq < seq && r->start < end && start < r->end) {
             return true;
         }
     }
     return false;
 }
 
-typedef struct {
-    NbdfsPending *p;
-    uint64_t start, end;
-    bool reserve;                  /* also wait for room in the budget */
-} WaitFor;
-
-static bool range_free(gpointer data)
+static bool room_locked(NbdfsPending *p, uint64_t length)
 {
-    WaitFor *w = data;
-    bool free;
-
-    g_mutex_lock(&w->p->lock);
-    free = !overlaps_locked(w->p, w->start, w->end) &&
-           (!w->reserve || w->p->ranges->len == 0 ||
-            (w->p->bytes + (w->end - w->start) <= MAX_PENDING_BYTES &&
-             w->p->ranges->len < MAX_PENDING_WRITES));
-    if (free && w->reserve) {
-        Range r = { w->start, w->end };
-        g_array_append_val(w->p->ranges, r);
-        w->p->bytes += w->end - w->start;
-        g_atomic_int_set(&w->p->count, w->p->ranges->len);
-    }
-    g_mutex_unlock(&w->p->lock);
-    return free;
-}
-
-/* Wait (driving this worker's connection) until W's range is free. */
-static void wait_for(NbdfsMount *m, WaitFor *w)
-{
-    if (range_free(w)) {
-        return;
-    }
-    g_atomic_int_inc(&w->p->waiters);
-    nbdfs_loop_wait(m, range_free, w);
-    g_atomic_int_add(&w->p->waiters, -1);
+    return p->ranges->len == 0 ||
+           (p->bytes + length <= MAX_PENDING_BYTES && p->ranges->len < MAX_PENDING_WRITES);
 }
 
 void nbdfs_pending_begin(NbdfsMount *m, uint64_t offset, uint64_t length)
 {
-    WaitFor w = { m->pending, offset, offset + length, true };
+    NbdfsPending *p = m->pending;
+    Range r = { offset, offset + length, 0 };
 
-    wait_for(m, &w);
+    g_mutex_lock(&p->lock);
+    while (busy_locked(p, r.start, r.end, UINT64_MAX) || !room_locked(p, length)) {
+        g_cond_wait(&p->changed, &p->lock);
+    }
+    r.seq = p->next_seq++;
+    g_array_append_val(p->ranges, r);
+    p->bytes += length;
+    g_atomic_int_set(&p->count, p->ranges->len);
+    g_mutex_unlock(&p->lock);
 }
 
-void nbdfs_pending_end(NbdfsMount *m, uint64_t offset, uint64_t length, int err)
+void nbdfs_pending_end(NbdfsMount *m, uint64_t offset, uint64_t length)
 {
     NbdfsPending *p = m->pending;
 
@@ -121,38 +105,36 @@ void nbdfs_pending_end(NbdfsMount *m, uint64_t offset, uint64_t length, int err)
         }
     }
     g_atomic_int_set(&p->count, p->ranges->len);
-    if (err && !p->error) {
-        p->error = err;
-    }
+    g_cond_broadcast(&p->changed);
     g_mutex_unlock(&p->lock);
-    if (g_atomic_int_get(&p->waiters) > 0) {
-        nbdfs_loop_wake_all(m);
-    }
 }
 
 void nbdfs_pending_wait_range(NbdfsMount *m, uint64_t offset, uint64_t length)
 {
-    WaitFor w = { m->pending, offset, offset + length, false };
+    NbdfsPending *p = m->pending;
 
-    if (g_atomic_int_get(&m->pending->count) > 0) {
-        wait_for(m, &w);
+    if (g_atomic_int_get(&p->count) == 0) {
+        return;
     }
+    g_mutex_lock(&p->lock);
+    while (busy_locked(p, offset, offset + length, UINT64_MAX)) {
+        g_cond_wait(&p->changed, &p->lock);
+    }
+    g_mutex_unlock(&p->lock);
 }
 
-int nbdfs_pending_drain(NbdfsMount *m, bool take_error)
+void nbdfs_pending_drain(NbdfsMount *m)
 {
     NbdfsPending *p = m->pending;
-    WaitFor w = { p, 0, UINT64_MAX, false };
-    int err = 0;
+    uint64_t before;
 
-    if (g_atomic_int_get(&p->count) > 0) {
-        wait_for(m, &w);
+    if (g_atomic_int_get(&p->count) == 0) {
+        return;
     }
-    if (take_error) {
-        g_mutex_lock(&p->lock);
-        err = p->error;
-        p->error = 0;
-        g_mutex_unlock(&p->lock);
+    g_mutex_lock(&p->lock);
+    before = p->next_seq;
+    while (busy_locked(p, 0, UINT64_MAX, before)) {
+        g_cond_wait(&p->changed, &p->lock);
     }
-    return err;
+    g_mutex_unlock(&p->lock);
 }

@@ -2,6 +2,7 @@
  * The server object: exports, listening sockets, the accept loop, one thread
  * per connection (handshake, then the request reader) and clean shutdown.
  */
+#include "image-format.h"
 #include "internal.h"
 
 #include <errno.h>
@@ -86,6 +87,7 @@ NbdsExport *nbds_server_add_export(NbdsServer *s, const char *path, GError **err
     NbdsExport *exp;
     NbdsImage *img;
     NbdsBitmapSet *bitmaps;
+    const char *format;
 
     if (nbds_server_find_export(s, name) && name[0]) {
         g_set_error(error, G_IO_ERROR, G_IO_ERROR_EXISTS,
@@ -94,6 +96,14 @@ NbdsExport *nbds_server_add_export(NbdsServer *s, const char *path, GError **err
     }
     img = nbds_image_open(path, s->config.read_only, error);
     if (!img) {
+        return NULL;
+    }
+    format = nbds_image_format_probe(nbds_image_fd(img));
+    if (format && !s->config.any_format) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA,
+                    "%s: this is a %s image, not a raw one; nbdfs serves raw images only "
+                    "(--format raw serves its bytes as they are)", path, format);
+        nbds_image_close(img);
         return NULL;
     }
     bitmaps = nbds_bitmaps_load(img, !s->config.read_only, error);

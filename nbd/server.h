@@ -20,6 +20,7 @@ typedef struct {
     unsigned max_connections;      /* past it new clients are refused politely; 0 = no cap */
     unsigned handshake_limit;      /* seconds a client may take to negotiate; 0 = none */
     unsigned threads;              /* worker threads; 0 = a default */
+    bool any_format;               /* serve images whose magic says qcow2, vmdk... as raw */
 } NbdsServerConfig;
 
 #define NBDS_DEFAULT_MAX_CONNECTIONS 128
@@ -30,7 +31,8 @@ NbdsServer *nbds_server_new(const NbdsServerConfig *config);
 /*
  * Serve the raw image at PATH under its base name; the first export added is
  * also the default export "".  The image is opened and locked now, so a
- * missing or busy image is reported before any client connects.
+ * missing or busy image is reported before any client connects.  An image
+ * of another format (qcow2, ...) is refused unless the config's any_format.
  */
 NbdsExport *nbds_server_add_export(NbdsServer *server, const char *path, GError **error);
 
