@@ -80,6 +80,7 @@ void nbdfs_conn_free(NbdfsConn *c)
     nbd_close(g_atomic_pointer_exchange(&c->replacement, NULL));
     g_assert(g_queue_is_empty(&c->inflight));
     close(c->wake_fd);
+    g_free(c->last_failure);
     g_rw_lock_clear(&c->handle_lock);
     g_mutex_clear(&c->inflight_lock);
     g_free(c);
@@ -247,6 +248,11 @@ static gint64 oldest_deadline(NbdfsConn *c)
 /* The connection failed: once, tell the files and the reconnect thread. */
 static void note_death(NbdfsConn *c, const char *why)
 {
+    /* The orderly stop closes connections itself: no death to report. */
+    if (g_atomic_int_get(&c->stop)) {
+        g_atomic_int_set(&c->dead, 1);
+        return;
+    }
     if (g_atomic_int_compare_and_exchange(&c->dead, 0, 1)) {
         g_warning("connection %u to the server lost: %s", c->index, why);
         nbdfs_files_connection_lost(c->m);

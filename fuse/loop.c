@@ -37,7 +37,9 @@
 #include <gio/gio.h>
 
 /* FUSE threads: requests that wait (lseek, st_blocks, O_DSYNC...) each hold one. */
-#define FUSE_THREADS 8
+#define FUSE_THREADS 4
+/* FUSE requests a thread serves per wake-up, when that many are waiting. */
+#define REQUESTS_PER_WAKEUP 16
 /* After the request timeout, how long the cut connections get to fail the rest. */
 #define ABORT_GRACE_S 5
 
@@ -76,14 +78,14 @@ static void signal_fd(int fd)
     }
 }
 
-/* Read and dispatch one FUSE request; false once the session is over. */
-static bool serve_request(FuseThread *t)
+/* Read and dispatch one FUSE request: 1, 0 if none was waiting, -1 at the end. */
+static int serve_request(FuseThread *t)
 {
     struct fuse_session *se = t->m->session;
     int r = fuse_session_receive_buf(se, &t->fbuf);
 
     if (r == -EAGAIN || r == -EINTR) {
-        return true;               /* another thread took it */
+        return 0;                  /* another thread took it */
     }
     if (r <= 0) {
         /* Unmounted (ENODEV), or the device failed: the end. */
@@ -91,9 +93,21 @@ static bool serve_request(FuseThread *t)
             g_warning("reading the FUSE device: %s", g_strerror(-r));
         }
         fuse_session_exit(se);
-        return false;
+        return -1;
     }
     fuse_session_process_buf(se, &t->fbuf);
+    return 1;
+}
+
+/* Serve the requests waiting, a few at most; false once the session is over. */
+static bool serve_requests(FuseThread *t)
+{
+    for (int i = 0; i < REQUESTS_PER_WAKEUP; i++) {
+        int r = serve_request(t);
+        if (r <= 0) {
+            return r == 0;
+        }
+    }
     return true;
 }
 
@@ -118,7 +132,7 @@ static gpointer fuse_thread(gpointer data)
             if (events[i].data.u32 == SOURCE_STOP) {
                 goto out;
             }
-            if (serving && !serve_request(t)) {
+            if (serving && !serve_requests(t)) {
                 /* Tell the main thread; stop watching a device that stays readable. */
                 serving = false;
                 epoll_ctl(t->epfd, EPOLL_CTL_DEL, fuse_fd, NULL);

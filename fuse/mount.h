@@ -137,6 +137,7 @@ typedef struct {
     /* Reconnect thread only. */
     gint64 retry_at;               /* next attempt (monotonic us) */
     unsigned backoff;              /* seconds to wait after a failure */
+    char *last_failure;            /* why the last attempt failed */
 } NbdfsConn;
 
 NbdfsConn *nbdfs_conn_new(NbdfsMount *m, struct nbd_handle *h, unsigned index,

@@ -669,13 +669,16 @@ static gpointer reconnect_thread(gpointer data)
                 c->backoff = c->backoff ? MIN(c->backoff * 2, RECONNECT_MAX_S) : RECONNECT_FIRST_S;
                 c->retry_at = g_get_monotonic_time() + c->backoff * G_USEC_PER_SEC;
                 next = next ? MIN(next, c->retry_at) : c->retry_at;
-                /* Said once; the later attempts only in the debug log. */
-                g_log(G_LOG_DOMAIN, c->backoff == RECONNECT_FIRST_S ? G_LOG_LEVEL_MESSAGE
-                                                                   : G_LOG_LEVEL_DEBUG,
+                /* Each new reason is said once; repeats only in the debug log. */
+                g_log(G_LOG_DOMAIN, g_strcmp0(c->last_failure, error->message) != 0
+                      ? G_LOG_LEVEL_MESSAGE : G_LOG_LEVEL_DEBUG,
                       "connection %u: reconnecting failed: %s; next try in %u s",
                       c->index, error->message, c->backoff);
+                g_free(c->last_failure);
+                c->last_failure = g_strdup(error->message);
                 continue;
             }
+            g_clear_pointer(&c->last_failure, g_free);
             g_atomic_pointer_set(&c->replacement, h);
             nbdfs_conn_wake(c);
         }

@@ -219,6 +219,12 @@ bool nbdfs_files_final_report(NbdfsMount *m, GString *messages)
     bool ok;
 
     g_mutex_lock(&m->files_lock);
+    /* Files the kernel never released (unmounted first) keep errors nobody saw. */
+    for (GList *l = m->files.head; l; l = l->next) {
+        if (((NbdfsFile *)l->data)->flush_error) {
+            m->unreported_failures++;
+        }
+    }
     ok = m->write_failures == 0 && m->lost_unflushed == 0;
     if (m->write_failures) {
         g_string_append_printf(messages, "%u write(s) failed", m->write_failures);

@@ -20,6 +20,11 @@ NBDFS = os.environ.get("NBDFS") or shutil.which("nbdfs") or "nbdfs"
 # (the 'valgrind' test setup).  Servers started by start_nbdfs must then
 # still exit 0: no leak, no invalid access.
 SERVER_WRAPPER = shlex.split(os.environ.get("NBDFS_SERVER_WRAPPER", ""))
+# The same for 'nbdfs mount' (the 'valgrind' setup): mounts then run in the
+# foreground under it, and their exit status is checked at unmount.
+MOUNT_WRAPPER = shlex.split(os.environ.get("NBDFS_MOUNT_WRAPPER", ""))
+# Waits on a mount scale with it (valgrind is slow).
+SLOW = 8 if MOUNT_WRAPPER else 1
 DEFAULT_TIMEOUT = 30
 
 
@@ -284,6 +289,7 @@ class Mount:
         self.mountpoint = mountpoint
         self.process = process        # a Process in foreground mode, else None
         self.pids = [] if process else mount_pids(mountpoint)
+        self.messages = ""            # what the daemon said at 'nbdfs umount'
 
     def path(self, *names):
         return os.path.join(self.mountpoint, *names)
@@ -291,18 +297,30 @@ class Mount:
     def files(self):
         return sorted(os.listdir(self.mountpoint))
 
-    def unmount(self, timeout=10):
-        """Unmount, wait for the daemon to end; its exit status in foreground mode."""
-        unmount(self.mountpoint, timeout)
+    def unmount(self, timeout=30):
+        """'nbdfs umount': returns the daemon's exit status once it has ended
+        (its messages in self.messages)."""
+        p = run([NBDFS, "umount", "--timeout", str(timeout * SLOW), self.mountpoint],
+                timeout=timeout * SLOW + 10, check=False)
+        self.messages = p.stderr
+        if is_mounted(self.mountpoint):
+            raise AssertionError("nbdfs umount left %s mounted (%d):\n%s"
+                                 % (self.mountpoint, p.returncode, p.stderr))
         if self.process:
             try:
-                self.process.proc.wait(timeout)
+                self.process.proc.wait(timeout * SLOW)
             except subprocess.TimeoutExpired:
                 self.process.stop(signal.SIGKILL)
                 raise AssertionError("nbdfs mount still running %ds after unmount" % timeout)
-            return self.process.stop()
+            code = self.process.stop()
+            self.messages += self.process.stderr()
+            # Under valgrind, memory errors are the wrapper's exit status.
+            if MOUNT_WRAPPER and code == 99:
+                raise AssertionError("valgrind found errors in nbdfs mount:\n%s"
+                                     % self.process.stderr())
+            return code
         wait_pids_gone(self.pids, timeout)
-        return None
+        return p.returncode
 
 
 def _mount_cleanup(m):
@@ -318,12 +336,12 @@ def _mount_cleanup(m):
 def _mount(tc, source, args, mountpoint, foreground, timeout):
     mountpoint = mountpoint or tc.path("mnt")
     os.makedirs(mountpoint, exist_ok=True)
-    if foreground:
-        proc = Process([NBDFS, "mount", "-f", *args, source, mountpoint],
+    if foreground or MOUNT_WRAPPER:
+        proc = Process([*MOUNT_WRAPPER, NBDFS, "mount", "-f", *args, source, mountpoint],
                        tc.path("mount-%s.err" % os.path.basename(mountpoint)))
         m = Mount(mountpoint, proc)
         tc.addCleanup(_mount_cleanup, m)
-        wait_for(lambda: is_mounted(mountpoint) or not proc.alive(), timeout,
+        wait_for(lambda: is_mounted(mountpoint) or not proc.alive(), timeout * SLOW,
                  "nbdfs mount on %s" % mountpoint)
         if not is_mounted(mountpoint):
             raise AssertionError("nbdfs mount failed (%s):\n%s" % (proc.stop(), proc.stderr()))
@@ -337,13 +355,17 @@ def _mount(tc, source, args, mountpoint, foreground, timeout):
     return m
 
 
-def _start_nbdkit(tc, image, *args, name="nbdkit"):
-    """nbdkit's file plugin serving IMAGE on a unix socket."""
+def _start_nbdkit_cmd(tc, argv, name="nbdkit"):
+    """nbdkit on a unix socket: ARGV is [--filter=F ..., PLUGIN, key=value ...]."""
     sock = tc.path(name + ".sock")
-    srv = Server(["nbdkit", "--foreground", "-U", sock, *args, "file", image], sock,
-                 tc.path(name + ".err"))
+    srv = Server(["nbdkit", "--foreground", "-U", sock, *argv], sock, tc.path(name + ".err"))
     tc.addCleanup(srv.stop)
     return srv
+
+
+def _start_nbdkit(tc, image, *args, name="nbdkit"):
+    """nbdkit's file plugin serving IMAGE on a unix socket."""
+    return _start_nbdkit_cmd(tc, [*args, "file", image], name=name)
 
 
 class Daemon:
@@ -392,6 +414,7 @@ TestCase.mount.__doc__ = """'nbdfs mount [ARGS] SOURCE MOUNTPOINT' (default TMP/
     FOREGROUND runs it with -f (its exit status can be checked); else the
     command must return with the mount in place."""
 TestCase.start_nbdkit = _start_nbdkit
+TestCase.start_nbdkit_cmd = _start_nbdkit_cmd
 TestCase.start_nbd_server = _start_nbd_server
 
 
