@@ -26,7 +26,7 @@ start_server() {
     qemu-nbd -f qcow2 -B b0 -k "$sock" -e 4 --persistent --fork \
         --pid-file "$work/qemu-nbd.pid" "$work/vm.qcow2"
 }
-trap 'fusermount3 -u "$mnt" 2>/dev/null || true; stop_server; rm -rf "$work"' EXIT
+trap '"$NBDFS" umount "$mnt" 2>/dev/null || true; stop_server; rm -rf "$work"' EXIT
 
 qemu-img create -q -f qcow2 "$work/vm.qcow2" 256M
 qemu-io -f qcow2 -c 'write -q -P 0x11 0 8M' -c 'write -q -P 0x22 64M 4M' "$work/vm.qcow2"
@@ -58,7 +58,7 @@ done < "$mnt/dirty/b0.map"
 
 # 5. The merged backup is the disk.
 cmp "$work/full.img" "$mnt/disk"
-fusermount3 -u "$mnt"
+"$NBDFS" umount "$mnt"
 stop_server
 qemu-img bitmap --clear "$work/vm.qcow2" b0
 
@@ -69,5 +69,5 @@ if [ -s "$mnt/dirty/b0.map" ]; then
     echo "incremental-backup: bitmap not clear after --clear" >&2
     exit 1
 fi
-fusermount3 -u "$mnt"
+"$NBDFS" umount "$mnt"
 echo "incremental-backup: OK"

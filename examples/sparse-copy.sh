@@ -8,7 +8,7 @@
 set -eu
 NBDFS=${NBDFS:-nbdfs}
 work=$(mktemp -d)
-trap 'fusermount3 -u "$work/mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap '"$NBDFS" umount "$work/mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 # A 1 GiB image holding 3 MiB of data in three places.
 truncate -s 1G "$work/disk.img"
@@ -21,7 +21,7 @@ mkdir "$work/mnt"
 stat -c '%n: %s bytes, %b blocks of 512 allocated' "$work/mnt/disk.img"
 
 cp --sparse=always "$work/mnt/disk.img" "$work/copy.img"
-fusermount3 -u "$work/mnt"
+"$NBDFS" umount "$work/mnt"
 
 # Same bytes, same holes.
 cmp "$work/disk.img" "$work/copy.img"

@@ -240,6 +240,7 @@ static bool mount_release(NbdfsMount *m)
 
 static void mount_free(NbdfsMount *m)
 {
+    nbdfs_files_forget(m);
     nbdfs_pending_free(m->pending);
     if (m->bitmaps) {
         g_ptr_array_unref(m->bitmaps);

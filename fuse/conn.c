@@ -117,7 +117,6 @@ bool nbdfs_conn_alive(NbdfsConn *c)
 static void cmd_unref(NbdfsCmd *cmd)
 {
     NbdfsConn *c = cmd->c;
-    int err;
 
     if (!g_atomic_int_dec_and_test(&cmd->refs)) {
         return;
@@ -127,9 +126,13 @@ static void cmd_unref(NbdfsCmd *cmd)
         g_queue_unlink(&c->inflight, &cmd->link);
         g_mutex_unlock(&c->inflight_lock);
     }
-    err = cmd->completed ? cmd->error : (cmd->issue_error ? cmd->issue_error : ENOTCONN);
-    if (err) {
-        nbdfs_io_fail(cmd->io, err);
+    if (cmd->completed) {
+        if (cmd->error) {
+            nbdfs_io_command_failed(cmd->io, cmd->error);
+        }
+    } else {
+        /* Never sent, or never answered before the handle went away. */
+        nbdfs_io_fail(cmd->io, cmd->issue_error ? cmd->issue_error : ENOTCONN);
     }
     nbdfs_io_unref(cmd->io);
     g_free(cmd);
@@ -218,11 +221,13 @@ void nbdfs_conn_issue(NbdfsMount *m, NbdfsIo *io, const NbdfsCommand *command)
     if (r == -1) {
         int err = nbd_get_errno();
         cmd->issue_error = !handle_alive(c->nbd) || !err ? ENOTCONN : err;
-        wake = false;
-    } else {
-        /* Half sent: the I/O thread must poll for POLLOUT now. */
-        wake = nbd_aio_get_direction(c->nbd) & LIBNBD_AIO_DIRECTION_WRITE;
     }
+    /*
+     * Half sent: the I/O thread must poll for POLLOUT now.  Or sending killed
+     * the connection (libnbd then closed its socket): the thread must notice.
+     */
+    wake = !handle_alive(c->nbd) ||
+           (nbd_aio_get_direction(c->nbd) & LIBNBD_AIO_DIRECTION_WRITE);
     g_rw_lock_reader_unlock(&c->handle_lock);
     if (wake) {
         nbdfs_conn_wake(c);
@@ -265,6 +270,10 @@ static void drive_socket(NbdfsConn *c, short wanted, short revents)
 {
     int r = 0;
 
+    if (!handle_alive(c->nbd)) {
+        note_death(c, "the connection failed");
+        return;
+    }
     if ((revents & (POLLIN | POLLHUP | POLLERR)) && (wanted & POLLIN)) {
         r = nbd_aio_notify_read(c->nbd);
     }
@@ -343,6 +352,10 @@ static gpointer io_thread(gpointer data)
         if (g_atomic_int_get(&c->stop)) {
             disconnect(c, DISCONNECT_TIMEOUT_MS);
             break;
+        }
+        if (!g_atomic_int_get(&c->dead) && !handle_alive(c->nbd)) {
+            /* Killed while a FUSE thread was sending on it. */
+            note_death(c, "the connection failed");
         }
         if (g_atomic_int_get(&c->dead)) {
             nbdfs_conn_adopt_replacement(c);

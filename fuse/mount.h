@@ -243,7 +243,7 @@ struct NbdfsMount {
 
     /* open-files.c: open files, write errors, what is durable. */
     GMutex files_lock;
-    GQueue files;                  /* NbdfsFile, open for writing */
+    GQueue files;                  /* NbdfsFile: the open files */
     uint64_t write_seq;            /* writes completed so far */
     uint64_t flushed_seq;          /* writes a successful FLUSH covered */
     unsigned write_failures;       /* writes that failed (exit status) */
@@ -342,9 +342,18 @@ void nbdfs_io_pwrite(NbdfsIo *io, const void *data, uint64_t offset, uint64_t le
 void nbdfs_io_zero(NbdfsIo *io, uint64_t offset, uint64_t length, uint32_t flags);
 /* FLUSH, asked for by ISSUER (NULL: the mount itself), who gets its error in the reply. */
 void nbdfs_io_flush(NbdfsIo *io, NbdfsFile *issuer);
-/* Fail the request with ERR (once the commands already issued complete). */
+/*
+ * Fail the request with ERR (once the commands already issued complete): a
+ * failure known without the server (nothing to send it on, a bad request).
+ */
 void nbdfs_io_fail(NbdfsIo *io, int err);
-/* The error recorded so far (a command that could not even be sent), or 0. */
+/* The server failed one of its commands with ERR (conn.c). */
+void nbdfs_io_command_failed(NbdfsIo *io, int err);
+/*
+ * The error known without the server so far (nbdfs_io_fail: a command that
+ * could not even be sent), or 0; not what the server answered, which may
+ * or may not have arrived yet.
+ */
 int nbdfs_io_error(NbdfsIo *io);
 /*
  * Its writes came from FILE (NULL: from the page cache, any writer) and
@@ -428,6 +437,8 @@ void nbdfs_files_connection_lost(NbdfsMount *m);
 int nbdfs_file_take_error(NbdfsMount *m, NbdfsFile *f, bool fsync);
 /* At the end: log what was lost; false if any write failed or may be lost. */
 bool nbdfs_files_final_report(NbdfsMount *m, GString *messages);
+/* After the session: forget the files the kernel never released. */
+void nbdfs_files_forget(NbdfsMount *m);
 
 /* ---- block-status.c ---- */
 

@@ -788,6 +788,7 @@ struct NbdfsIo {
     IoWaiter *waiter;              /* nbdfs_io_run() */
     gint refs;                     /* commands not yet released, plus one while issuing */
     gint error;                    /* the first errno */
+    gint send_error;               /* the first failure known without the server */
 };
 
 NbdfsIo *nbdfs_io_new(NbdfsMount *m, fuse_req_t req, NbdfsReplyKind kind, size_t buf_size,
@@ -837,12 +838,18 @@ void nbdfs_io_reply_slice(NbdfsIo *io, size_t offset, size_t length)
 
 void nbdfs_io_fail(NbdfsIo *io, int err)
 {
+    g_atomic_int_compare_and_exchange(&io->send_error, 0, err);
+    g_atomic_int_compare_and_exchange(&io->error, 0, err);
+}
+
+void nbdfs_io_command_failed(NbdfsIo *io, int err)
+{
     g_atomic_int_compare_and_exchange(&io->error, 0, err);
 }
 
 int nbdfs_io_error(NbdfsIo *io)
 {
-    return g_atomic_int_get(&io->error);
+    return g_atomic_int_get(&io->send_error);
 }
 
 void nbdfs_io_set_writer(NbdfsIo *io, NbdfsFile *file, bool reserved, uint64_t offset,

@@ -32,7 +32,7 @@ struct NbdfsFile {
     int fsync_error;               /* reported by the next fsync */
     int flush_error;               /* reported by the next close */
     uint64_t last_write;           /* seq of its last completed write (0: none) */
-    GList link;                    /* in m->files while open for writing */
+    GList link;                    /* in m->files while open */
 };
 
 NbdfsFile *nbdfs_file_open(NbdfsMount *m, bool writable)
@@ -42,11 +42,9 @@ NbdfsFile *nbdfs_file_open(NbdfsMount *m, bool writable)
     f->refs = 1;
     f->writable = writable;
     f->link.data = f;
-    if (writable) {
-        g_mutex_lock(&m->files_lock);
-        g_queue_push_tail_link(&m->files, &f->link);
-        g_mutex_unlock(&m->files_lock);
-    }
+    g_mutex_lock(&m->files_lock);
+    g_queue_push_tail_link(&m->files, &f->link);
+    g_mutex_unlock(&m->files_lock);
     return f;
 }
 
@@ -66,9 +64,7 @@ void nbdfs_file_unref(NbdfsFile *f)
 void nbdfs_file_release(NbdfsMount *m, NbdfsFile *f)
 {
     g_mutex_lock(&m->files_lock);
-    if (f->writable) {
-        g_queue_unlink(&m->files, &f->link);
-    }
+    g_queue_unlink(&m->files, &f->link);
     f->released = true;
     if (f->flush_error) {
         /* Neither fsync nor close reported it. */
@@ -82,12 +78,25 @@ void nbdfs_file_release(NbdfsMount *m, NbdfsFile *f)
 
 static void set_error(NbdfsFile *f, int err)
 {
+    if (!f->writable) {
+        return;                    /* it cannot have written anything */
+    }
     if (!f->fsync_error) {
         f->fsync_error = err;
     }
     if (!f->flush_error) {
         f->flush_error = err;
     }
+}
+
+static bool any_writer_locked(NbdfsMount *m)
+{
+    for (GList *l = m->files.head; l; l = l->next) {
+        if (((NbdfsFile *)l->data)->writable) {
+            return true;
+        }
+    }
+    return false;
 }
 
 void nbdfs_files_write_done(NbdfsMount *m, NbdfsFile *f, int err, bool reported,
@@ -103,7 +112,10 @@ void nbdfs_files_write_done(NbdfsMount *m, NbdfsFile *f, int err, bool reported,
             f->last_write = seq;
         } else {
             for (GList *l = m->files.head; l; l = l->next) {
-                ((NbdfsFile *)l->data)->last_write = seq;
+                NbdfsFile *w = l->data;
+                if (w->writable) {
+                    w->last_write = seq;
+                }
             }
         }
         g_mutex_unlock(&m->files_lock);
@@ -117,7 +129,7 @@ void nbdfs_files_write_done(NbdfsMount *m, NbdfsFile *f, int err, bool reported,
     }
     if (f && !f->released) {
         set_error(f, nbdfs_errno(err));
-    } else if (!f && m->files.length) {
+    } else if (!f && any_writer_locked(m)) {
         for (GList *l = m->files.head; l; l = l->next) {
             set_error(l->data, nbdfs_errno(err));
         }
@@ -212,6 +224,17 @@ int nbdfs_file_take_error(NbdfsMount *m, NbdfsFile *f, bool fsync)
     }
     g_mutex_unlock(&m->files_lock);
     return err;
+}
+
+void nbdfs_files_forget(NbdfsMount *m)
+{
+    NbdfsFile *f;
+
+    while ((f = g_queue_peek_head(&m->files))) {
+        g_queue_unlink(&m->files, &f->link);
+        f->released = true;
+        nbdfs_file_unref(f);
+    }
 }
 
 bool nbdfs_files_final_report(NbdfsMount *m, GString *messages)

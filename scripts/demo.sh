@@ -16,7 +16,7 @@ work=${DEMO_DIR:-/tmp/nbdfs-demo}
 img=$work/demo.img
 mnt=$work/mnt
 cleanup() {
-  if mountpoint -q "$mnt" 2>/dev/null; then fusermount3 -u "$mnt" || umount -l "$mnt"; fi
+  if mountpoint -q "$mnt" 2>/dev/null; then "$nbdfs" umount "$mnt" || umount -l "$mnt"; fi
 }
 trap cleanup EXIT
 cleanup
@@ -58,8 +58,8 @@ cp --sparse=always "$mnt/dirty/b0.img" "$work/delta.img"
 ls -ls "$work/delta.img"
 echo "delta allocated: $(du -h "$work/delta.img" | cut -f1) of $(du -h --apparent-size "$work/delta.img" | cut -f1)"
 
-step "Unmount"
-fusermount3 -u "$mnt"
+step "Unmount: nbdfs umount returns once the data is flushed and the image released"
+"$nbdfs" umount "$mnt"
 "$nbdfs" bitmap list "$img"
 echo
 echo "Done. Files are in $work."

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up on Debian 12 (as root) and runs the whole nbdfs test suite:
 #   1. gcc build (build/): every suite, then the server's protocol and interop
-#      suites again with every 'nbdfs serve' under valgrind memcheck
+#      suites and the mount suites again with every 'nbdfs serve' and
+#      'nbdfs mount' under valgrind memcheck
 #   2. clang build with AddressSanitizer + UBSan and the libFuzzer targets
 #      (build-asan/): every suite again, plus short fuzzing runs
 # Options:
@@ -52,11 +53,13 @@ for step in $steps; do
   esac
   echo "== $step build ($dir)"
   ninja -C "$dir"
-  meson test -C "$dir" --print-errorlogs --num-processes 2 "$@" || status=1
+  # Sanitizers report at exit: mounts stay in the foreground so the tests see it.
+  NBDFS_TEST_FOREGROUND=$([ "$step" = sanitize ] && echo 1 || echo 0) \
+    meson test -C "$dir" --print-errorlogs --num-processes 2 "$@" || status=1
   logs+=("$dir/meson-logs/testlog.json")
   if [ "$step" = plain ] && [ $# -eq 0 ]; then
-    echo "== valgrind: protocol and interop suites"
-    meson test -C "$dir" --setup valgrind --suite protocol --suite interop \
+    echo "== valgrind: protocol, interop and fuse suites"
+    meson test -C "$dir" --setup valgrind --suite protocol --suite interop --suite fuse \
       --print-errorlogs --num-processes 2 || status=1
     logs+=("$dir/meson-logs/testlog-valgrind.json")
   fi
