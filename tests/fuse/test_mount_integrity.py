@@ -242,13 +242,7 @@ class ReconnectDurabilityTest(t.TestCase):
         os.unlink(srv.sock)
         srv2 = self.start_nbdkit_cmd(argv, name="nbdkit")
         self.assertEqual(srv2.sock, srv.sock)
-
-        def back():
-            try:
-                return os.preadv(direct, [buf], 0) == 4096
-            except OSError:
-                return False
-        t.wait_for(back, 20, "the mount to reconnect")
+        t.wait_for_reconnect(direct, buf, timeout=20)
         self.assertEqual(bytes(buf), bytes(4096))   # the new server never had it
         with self.assertRaises(OSError) as cm:
             os.fsync(fd)
@@ -422,12 +416,7 @@ class StopTest(t.TestCase):
         # The server resumes: the mount reconnects.
         os.kill(srv.proc.pid, signal.SIGCONT)
 
-        def back():
-            try:
-                return os.preadv(fd, [buf], 0) == 65536
-            except OSError:
-                return False
-        t.wait_for(back, 20, "the mount to reconnect")
+        t.wait_for_reconnect(fd, buf, timeout=20)
         self.assertEqual(bytes(buf[:4]), b"ssss")
         # Stopped again: unmounting is quick all the same.
         os.close(fd)
@@ -572,12 +561,7 @@ class ReconnectIdentityTest(t.TestCase):
             os.unlink(srv2.sock)
         self.start_qemu_nbd(image)
 
-        def back():
-            try:
-                return os.preadv(fd, [buf], 0) == 4096
-            except OSError:
-                return False
-        t.wait_for(back, 40, "the mount to reconnect")
+        t.wait_for_reconnect(fd, buf, timeout=40)
         self.assertEqual(bytes(buf[:4]), b"iiii")
         os.close(fd)
         self.assertEqual(m.unmount(), 0, m.messages)

@@ -240,14 +240,7 @@ class ServerDeathTest(t.TestCase):
         os.unlink(srv.sock)
         srv2 = self.start_qemu_nbd(image)
         self.assertEqual(srv2.sock, srv.sock)
-
-        def readable():
-            try:
-                return os.preadv(fd, [buf], 65536) == 65536
-            except OSError as e:
-                self.assertEqual(e.errno, errno.EIO)
-                return False
-        t.wait_for(readable, 15, "the mount to reconnect")
+        t.wait_for_reconnect(fd, buf, 65536, timeout=15)
         self.assertEqual(bytes(buf[:4]), b"\x66" * 4)
         self.assertTrue(filecmp.cmp(m.path("disk"), image, shallow=False))
 

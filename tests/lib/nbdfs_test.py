@@ -424,6 +424,19 @@ TestCase.start_nbdkit_cmd = _start_nbdkit_cmd
 TestCase.start_nbd_server = _start_nbd_server
 
 
+def wait_for_reconnect(fd, buf, offset=0, timeout=20):
+    """Retry preadv(FD, [BUF], OFFSET) until it reads all of BUF: the mount's
+    reconnection (EIO meanwhile)."""
+    def readable():
+        try:
+            return os.preadv(fd, [buf], offset) == len(buf)
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise
+            return False
+    wait_for(readable, timeout, "the mount to reconnect")
+
+
 def data_extents_by_lseek(path):
     """[(offset, length)] of PATH's data, walked with SEEK_DATA / SEEK_HOLE."""
     out = []
