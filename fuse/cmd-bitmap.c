@@ -28,34 +28,6 @@ static const struct {
     { "list", OP_LIST, "IMAGE", "Show the bitmaps of IMAGE" },
 };
 
-/* "65536", "64K", "64KiB", "1M", "1MiB" -> bytes. */
-static bool parse_size(const char *s, guint64 *out)
-{
-    char *end;
-    guint64 v, mult = 1;
-
-    errno = 0;
-    v = g_ascii_strtoull(s, &end, 10);
-    if (errno || end == s) {
-        return false;
-    }
-    if (*end == 'K' || *end == 'k') {
-        mult = 1024;
-        end++;
-    } else if (*end == 'M' || *end == 'm') {
-        mult = 1024 * 1024;
-        end++;
-    }
-    if (mult > 1 && (strcmp(end, "iB") == 0 || strcmp(end, "B") == 0)) {
-        end += strlen(end);
-    }
-    if (*end || v > G_MAXUINT32 / mult) {
-        return false;
-    }
-    *out = v * mult;
-    return true;
-}
-
 static void usage(FILE *out)
 {
     fprintf(out, "Usage:\n");
@@ -163,7 +135,7 @@ int nbdfs_cmd_bitmap(int argc, char **argv)
     if (nparams == 2) {
         name = argv[2];
     }
-    if (granularity_str && !parse_size(granularity_str, &granularity)) {
+    if (granularity_str && !nbdfs_parse_size(granularity_str, G_MAXUINT32, &granularity)) {
         nbdfs_error(cmdname, "--granularity: '%s' is not a size in bytes", granularity_str);
         return 1;
     }

@@ -23,7 +23,6 @@
 #include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
-#include <syslog.h>
 #include <unistd.h>
 
 #include "mount.h"
@@ -60,34 +59,6 @@ static void mount_options_clear(MountOptions *o)
 }
 G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(MountOptions, mount_options_clear)
 
-/* Once the parent is released, messages go to syslog: stderr is gone. */
-static bool log_to_syslog;
-
-static GLogWriterOutput log_writer(GLogLevelFlags level, const GLogField *fields,
-                                   gsize n_fields, gpointer data)
-{
-    const char *message = NULL;
-    int priority;
-
-    if (!log_to_syslog) {
-        return g_log_writer_default(level, fields, n_fields, data);
-    }
-    for (gsize i = 0; i < n_fields; i++) {
-        if (strcmp(fields[i].key, "MESSAGE") == 0) {
-            message = fields[i].value;
-        }
-    }
-    if (!message || g_log_writer_default_would_drop(level, G_LOG_DOMAIN)) {
-        return G_LOG_WRITER_HANDLED;
-    }
-    priority = level & (G_LOG_LEVEL_ERROR | G_LOG_LEVEL_CRITICAL) ? LOG_ERR :
-               level & G_LOG_LEVEL_WARNING ? LOG_WARNING :
-               level & G_LOG_LEVEL_MESSAGE ? LOG_NOTICE :
-               level & G_LOG_LEVEL_INFO ? LOG_INFO : LOG_DEBUG;
-    syslog(priority, "%s", message);
-    return G_LOG_WRITER_HANDLED;
-}
-
 /* libfuse's own messages ("fuse: unknown option ..."), as ours, one line each. */
 static void fuse_log_func(enum fuse_log_level level, const char *fmt, va_list ap)
 {
@@ -109,7 +80,7 @@ static void fuse_log_func(enum fuse_log_level level, const char *fmt, va_list ap
     if (!line) {
         return;
     }
-    if (log_to_syslog) {
+    if (nbdfs_log_to_syslog()) {
         g_log(G_LOG_DOMAIN, level <= FUSE_LOG_ERR ? G_LOG_LEVEL_WARNING : G_LOG_LEVEL_DEBUG,
               "%s", line);
     } else if (level <= FUSE_LOG_ERR) {
@@ -123,8 +94,7 @@ static void release_parent(NbdfsMount *m)
     if (m->ready_fd < 0) {
         return;
     }
-    openlog("nbdfs", LOG_PID, LOG_DAEMON);
-    log_to_syslog = true;
+    nbdfs_log_use_syslog();
     if (!nbdfs_daemon_ready(&m->ready_fd, false)) {
         g_warning("cannot tell the parent process the mount is ready: %s", g_strerror(errno));
     }
@@ -462,7 +432,6 @@ int nbdfs_cmd_mount(int argc, char **argv)
     if (o.verbose) {
         g_setenv("G_MESSAGES_DEBUG", "all", TRUE);
     }
-    g_log_set_writer_func(log_writer, NULL, NULL);
     fuse_set_log_func(fuse_log_func);
     signal(SIGPIPE, SIG_IGN);
 

@@ -20,11 +20,13 @@ typedef struct {
     char *bind;
     char *pid_file;
     char *format;
+    char *max_buffered;
     gboolean read_only;
     gboolean fork;
     gboolean verbose;
     gint max_connections;
     gint handshake_limit;
+    gint idle_limit;
     gint threads;
     char **images;
 } ServeOptions;
@@ -36,6 +38,7 @@ static void serve_options_clear(ServeOptions *o)
     g_free(o->bind);
     g_free(o->pid_file);
     g_free(o->format);
+    g_free(o->max_buffered);
     g_strfreev(o->images);
 }
 G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(ServeOptions, serve_options_clear)
@@ -88,9 +91,14 @@ static bool validate(const ServeOptions *o, int n_activation)
         nbdfs_error("serve", "--max-connections: must be at least 1, not %d", o->max_connections);
         return false;
     }
-    if (o->handshake_limit < 0) {
-        nbdfs_error("serve", "--handshake-limit: must be 0 (none) or more seconds, not %d",
-                    o->handshake_limit);
+    if (o->handshake_limit < 0 || o->handshake_limit > NBDS_MAX_TIME_LIMIT) {
+        nbdfs_error("serve", "--handshake-limit: must be 0 (none) to %d seconds, not %d",
+                    NBDS_MAX_TIME_LIMIT, o->handshake_limit);
+        return false;
+    }
+    if (o->idle_limit < 0 || o->idle_limit > NBDS_MAX_TIME_LIMIT) {
+        nbdfs_error("serve", "--idle-limit: must be 0 (none) to %d seconds, not %d",
+                    NBDS_MAX_TIME_LIMIT, o->idle_limit);
         return false;
     }
     if (o->threads < 0 || o->threads > 1024) {
@@ -124,9 +132,15 @@ int nbdfs_cmd_serve(int argc, char **argv)
           "Go to the background once listening", NULL },
         { "max-connections", 0, 0, G_OPTION_ARG_INT, &o.max_connections,
           "Serve at most N clients at once (default 128)", "N" },
+        { "max-buffered", 0, 0, G_OPTION_ARG_STRING, &o.max_buffered,
+          "Hold at most BYTES for all clients together (default 256M): past it, the clients "
+          "holding the most stop being read", "BYTES" },
         { "handshake-limit", 0, 0, G_OPTION_ARG_INT, &o.handshake_limit,
           "Drop clients that have not negotiated within SECONDS (default 10; 0 = never)",
           "SECONDS" },
+        { "idle-limit", 0, 0, G_OPTION_ARG_INT, &o.idle_limit,
+          "Drop clients that send nothing for SECONDS while nothing of theirs is in flight "
+          "(default 0: never)", "SECONDS" },
         { "threads", 0, 0, G_OPTION_ARG_INT, &o.threads,
           "Worker threads running requests (default 16)", "N" },
         { "verbose", 'v', 0, G_OPTION_ARG_NONE, &o.verbose,
@@ -137,6 +151,7 @@ int nbdfs_cmd_serve(int argc, char **argv)
     g_autoptr(NbdsServer) server = NULL;
     g_autoptr(GError) error = NULL;
     int n_activation = activation_fd_count();
+    guint64 max_buffered = 0;
     int ready_fd = -1;
     int stop_fd = -1;
     sigset_t mask;
@@ -148,6 +163,12 @@ int nbdfs_cmd_serve(int argc, char **argv)
                              "socket activation, listens on 127.0.0.1:10809.",
                              entries, &argc, &argv) ||
         !validate(&o, n_activation) || !nbdfs_check_format("serve", o.format)) {
+        return 1;
+    }
+    if (o.max_buffered && (!nbdfs_parse_size(o.max_buffered, G_MAXUINT64, &max_buffered) ||
+                           max_buffered < NBDS_MIN_MAX_BUFFERED)) {
+        nbdfs_error("serve", "--max-buffered: '%s' is not a size of at least %" G_GUINT64_FORMAT
+                    " MiB", o.max_buffered, NBDS_MIN_MAX_BUFFERED >> 20);
         return 1;
     }
     if (o.verbose) {
@@ -176,8 +197,10 @@ int nbdfs_cmd_serve(int argc, char **argv)
         .read_only = o.read_only,
         .max_connections = o.max_connections,
         .handshake_limit = o.handshake_limit,
+        .idle_limit = o.idle_limit,
         .threads = o.threads,
         .any_format = o.format != NULL,
+        .max_buffered = max_buffered,
     });
     for (char **img = o.images; *img; img++) {
         if (!nbds_server_add_export(server, *img, &error)) {

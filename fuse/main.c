@@ -1,7 +1,9 @@
 /* nbdfs: dispatch to a subcommand. */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <syslog.h>
 
 #include "config.h"
 #include "nbdfs.h"
@@ -46,6 +48,32 @@ gboolean nbdfs_parse_options(const char *subcommand, const char *params, const c
     return TRUE;
 }
 
+gboolean nbdfs_parse_size(const char *s, guint64 max, guint64 *out)
+{
+    static const char units[] = "KMGT";
+    const char *unit;
+    char *end;
+    guint64 v, mult = 1;
+
+    errno = 0;
+    v = g_ascii_strtoull(s, &end, 10);
+    if (errno || end == s || !g_ascii_isdigit(*s)) {
+        return FALSE;
+    }
+    if (*end && (unit = strchr(units, g_ascii_toupper(*end)))) {
+        mult = (guint64)1 << (10 * (unit - units + 1));
+        end++;
+        if (strcmp(end, "iB") == 0 || strcmp(end, "B") == 0) {
+            end += strlen(end);
+        }
+    }
+    if (*end || v > max / mult) {
+        return FALSE;
+    }
+    *out = v * mult;
+    return TRUE;
+}
+
 gboolean nbdfs_check_format(const char *subcommand, const char *format)
 {
     if (format && strcmp(format, "raw") != 0) {
@@ -56,12 +84,33 @@ gboolean nbdfs_check_format(const char *subcommand, const char *format)
     return TRUE;
 }
 
-/* Log lines read "nbdfs serve: warning: ...", like the command's own errors. */
+static gint use_syslog;
+
+void nbdfs_log_use_syslog(void)
+{
+    openlog("nbdfs", LOG_PID, LOG_DAEMON);
+    g_atomic_int_set(&use_syslog, 1);
+}
+
+bool nbdfs_log_to_syslog(void)
+{
+    return g_atomic_int_get(&use_syslog);
+}
+
+/*
+ * Log lines read "2026-12-05T13:05:01.123456Z nbdfs serve: warning: ...":
+ * the time, to the microsecond, orders the events of a long-lived server;
+ * then the command's name, as in its own errors.  A daemon whose stderr is
+ * gone logs to syslog instead.
+ */
 static void log_handler(const char *domain, GLogLevelFlags level, const char *message,
                         gpointer data)
 {
     static int debug = -1;
     const char *prefix = "";
+    g_autoptr(GDateTime) now = NULL;
+    g_autofree char *stamp = NULL;
+    int priority = LOG_NOTICE;
 
     (void)domain;
     (void)data;
@@ -73,12 +122,22 @@ static void log_handler(const char *domain, GLogLevelFlags level, const char *me
             return;
         }
         prefix = "debug: ";
+        priority = LOG_DEBUG;
     } else if (level & (G_LOG_LEVEL_ERROR | G_LOG_LEVEL_CRITICAL)) {
         prefix = "error: ";
+        priority = LOG_ERR;
     } else if (level & G_LOG_LEVEL_WARNING) {
         prefix = "warning: ";
+        priority = LOG_WARNING;
     }
-    fprintf(stderr, "%s: %s%s\n", g_get_prgname() ? g_get_prgname() : "nbdfs", prefix, message);
+    if (nbdfs_log_to_syslog()) {
+        syslog(priority, "%s%s", prefix, message);
+        return;
+    }
+    now = g_date_time_new_now_utc();
+    stamp = g_date_time_format(now, "%Y-%m-%dT%H:%M:%S.%fZ");
+    fprintf(stderr, "%s %s: %s%s\n", stamp, g_get_prgname() ? g_get_prgname() : "nbdfs",
+            prefix, message);
 }
 
 static void usage(FILE *out)

@@ -13,6 +13,10 @@ int nbdfs_cmd_umount(int argc, char **argv);
 int nbdfs_cmd_info(int argc, char **argv);
 int nbdfs_cmd_bitmap(int argc, char **argv);
 
+/* From now on log messages go to syslog (a daemon whose stderr is gone). */
+void nbdfs_log_use_syslog(void);
+bool nbdfs_log_to_syslog(void);
+
 /* Print "nbdfs SUBCOMMAND: MESSAGE" on stderr. */
 void nbdfs_error(const char *subcommand, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
 
@@ -22,6 +26,9 @@ void nbdfs_error(const char *subcommand, const char *fmt, ...) G_GNUC_PRINTF(2, 
  */
 gboolean nbdfs_parse_options(const char *subcommand, const char *params, const char *summary,
                              const GOptionEntry *entries, int *argc, char ***argv);
+
+/* "65536", "64K", "64KiB", "256M", "1G" -> bytes, at most MAX; FALSE if not a size. */
+gboolean nbdfs_parse_size(const char *s, guint64 max, guint64 *out);
 
 /* --format FMT: only "raw" (or none: detect, and refuse other formats). */
 gboolean nbdfs_check_format(const char *subcommand, const char *format);

@@ -1,19 +1,33 @@
 /*
  * Persistent dirty bitmaps: in-memory bits and the sidecar file.  See bitmap.h.
  *
- * Sidecar layout (little-endian):
- *   header, 128 bytes
- *     [  0..  7] magic "NBDFSBMP"      [  8.. 11] version (1)
+ * Sidecar layout, version 2 (little-endian):
+ *   header, 160 bytes
+ *     [  0..  7] magic "NBDFSBMP"      [  8.. 11] version (2)
  *     [ 12.. 15] flags: bit 0 in use   [ 16.. 23] image size at last clean close
  *     [ 24.. 31] image mtime, seconds  [ 32.. 35] image mtime, nanoseconds
  *     [ 36.. 39] number of bitmaps     [ 40.. 47] body length (bytes after the header)
- *     [ 48.. 79] SHA-256 of the body   [ 80.. 95] zero
- *     [ 96..127] SHA-256 of bytes 0..95
+ *     [ 48.. 79] SHA-256 of the directory, always valid
+ *     [ 80..111] SHA-256 of the data (the body after the directory); while in
+ *                use, pages are rewritten in place and this sum is stale by
+ *                design: the bits are not trusted then (all dirty)
+ *     [112..119] directory length      [120..127] zero
+ *     [128..159] SHA-256 of bytes 0..127
  *   directory: per bitmap 32 bytes, then its name
  *     [0..1] name length  [2] flags: bit 0 enabled, bit 1 inconsistent  [3] zero
  *     [4..7] granularity  [8..15] bits  [16..23] data offset  [24..31] data length
  *   data: per bitmap, 64-bit words, each area 4 KiB-aligned so pages can be
  *   rewritten in place while the image is served.
+ * Version 1 (128-byte header, one sum over the whole body at [48..79], the
+ * header's sum at [96..127]) is read when it was closed cleanly; one left in
+ * use cannot be verified and is refused.
+ *
+ * Files: the image's path is resolved once when it is opened (nbds_image_open)
+ * and its directory opened then; the sidecar is only ever opened relative to
+ * that directory without following symlinks, and rewritten through a new
+ * file with a random name created exclusively, renamed over it, and the
+ * directory synced.  Someone who can write the image's directory cannot make
+ * the server write anywhere else.
  */
 #include "bitmap.h"
 
@@ -30,9 +44,10 @@
 #include "protocol.h"
 
 #define MAGIC "NBDFSBMP"
-#define VERSION 1
+#define VERSION 2
 #define FLAG_IN_USE 1u
-#define HEADER_SIZE 128
+#define HEADER_SIZE 160
+#define V1_HEADER_SIZE 128
 #define ENTRY_SIZE 32
 #define ENTRY_ENABLED 1u
 #define ENTRY_INCONSISTENT 2u
@@ -52,7 +67,9 @@ struct NbdsBitmap {
 };
 
 struct NbdsBitmapSet {
-    char *path;                    /* the sidecar */
+    char *path;                    /* the sidecar, for messages */
+    char *name;                    /* its name in dirfd */
+    int dirfd;                     /* the image's directory, opened once; -1: none */
     NbdsImage *image;
     uint64_t size;                 /* the image's size */
     GPtrArray *bitmaps;            /* NbdsBitmap * */
@@ -98,9 +115,13 @@ void nbds_bitmaps_free(NbdsBitmapSet *set)
     if (set->fd >= 0) {
         close(set->fd);
     }
+    if (set->dirfd >= 0) {
+        close(set->dirfd);
+    }
     g_ptr_array_unref(set->bitmaps);
     g_mutex_clear(&set->sync_lock);
     g_free(set->path);
+    g_free(set->name);
     g_free(set);
 }
 
@@ -268,6 +289,13 @@ bool nbds_bitmaps_add(NbdsBitmapSet *set, const char *name, uint32_t granularity
         g_set_error(error, G_IO_ERROR, G_IO_ERROR_EXISTS, "bitmap '%s' already exists", name);
         return false;
     }
+    if (set->image && nbds_image_is_block_device(set->image)) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_NOT_SUPPORTED,
+                    "%s is a block device: bitmaps need a regular file (a block device's "
+                    "changes made while it is not served cannot be detected)",
+                    nbds_image_path(set->image));
+        return false;
+    }
     if (set->bitmaps->len >= NBDS_BITMAP_MAX_COUNT) {
         g_set_error(error, G_IO_ERROR, G_IO_ERROR_NO_SPACE,
                     "an image can have at most %d bitmaps", NBDS_BITMAP_MAX_COUNT);
@@ -366,14 +394,16 @@ static GByteArray *serialise(NbdsBitmapSet *set, bool in_use)
     put_le32(buf + 8, VERSION);
     put_le32(buf + 12, in_use ? FLAG_IN_USE : 0);
     put_le64(buf + 16, set->size);
-    if (fstat(nbds_image_fd(set->image), &st) == 0) {
+    if (set->image && fstat(nbds_image_fd(set->image), &st) == 0) {
         put_le64(buf + 24, st.st_mtim.tv_sec);
         put_le32(buf + 32, st.st_mtim.tv_nsec);
     }
     put_le32(buf + 36, set->bitmaps->len);
     put_le64(buf + 40, total - HEADER_SIZE);
-    sha256(buf + HEADER_SIZE, total - HEADER_SIZE, buf + 48);
-    sha256(buf, 96, buf + 96);
+    sha256(buf + HEADER_SIZE, dir_len, buf + 48);
+    sha256(buf + HEADER_SIZE + dir_len, total - HEADER_SIZE - dir_len, buf + 80);
+    put_le64(buf + 112, dir_len);
+    sha256(buf, 128, buf + 128);
     return g_byte_array_new_take(buf, total);
 }
 
@@ -393,42 +423,69 @@ static bool write_all(int fd, const uint8_t *p, size_t len)
     return true;
 }
 
+static bool file_error(GError **error, const char *path, int err)
+{
+    g_set_error(error, G_IO_ERROR, g_io_error_from_errno(err), "%s: %s", path,
+                g_strerror(err));
+    return false;
+}
+
 /*
- * Replace the sidecar atomically (temporary file, fsync, rename, fsync of the
+ * A new file for the sidecar's next version, beside it in the directory:
+ * a fresh random name, created exclusively, never through a symlink.
+ * Its name goes to *TMP.  -1 with errno on failure.
+ */
+static int create_temporary(NbdsBitmapSet *set, char **tmp)
+{
+    for (int attempt = 0; attempt < 100; attempt++) {
+        g_autofree char *name = g_strdup_printf(".%s.%08x%08x", set->name, g_random_int(),
+                                                g_random_int());
+        int fd = openat(set->dirfd, name,
+                        O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+        if (fd >= 0) {
+            *tmp = g_steal_pointer(&name);
+            return fd;
+        }
+        if (errno != EEXIST) {
+            return -1;
+        }
+    }
+    errno = EEXIST;
+    return -1;
+}
+
+/*
+ * Replace the sidecar atomically (a new file, fsync, rename, fsync of the
  * directory).  With IN_USE the new file stays open for in-place page writes.
  */
 static bool save(NbdsBitmapSet *set, bool in_use, GError **error)
 {
     g_autoptr(GByteArray) bytes = NULL;
-    g_autofree char *tmp = g_strconcat(set->path, ".tmp", NULL);
-    g_autofree char *dir = g_path_get_dirname(set->path);
-    int fd, dfd;
+    g_autofree char *tmp = NULL;
+    int fd;
 
     if (set->bitmaps->len == 0 && !in_use) {
-        if (unlink(set->path) < 0 && errno != ENOENT) {
-            g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno), "%s: %s", set->path,
-                        g_strerror(errno));
-            return false;
+        if (unlinkat(set->dirfd, set->name, 0) < 0 && errno != ENOENT) {
+            return file_error(error, set->path, errno);
         }
-        return true;
+        return fsync(set->dirfd) == 0 || file_error(error, set->path, errno);
     }
     bytes = serialise(set, in_use);
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    fd = create_temporary(set, &tmp);
     if (fd < 0 || !write_all(fd, bytes->data, bytes->len) || fsync(fd) < 0 ||
-        rename(tmp, set->path) < 0) {
+        renameat(set->dirfd, tmp, set->dirfd, set->name) < 0) {
         int err = errno;
         if (fd >= 0) {
             close(fd);
-            unlink(tmp);
+            unlinkat(set->dirfd, tmp, 0);
         }
-        g_set_error(error, G_IO_ERROR, g_io_error_from_errno(err), "%s: %s", set->path,
-                    g_strerror(err));
-        return false;
+        return file_error(error, set->path, err);
     }
-    dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-        fsync(dfd);
-        close(dfd);
+    /* The rename itself must be durable before we rely on the new file. */
+    if (fsync(set->dirfd) < 0) {
+        int err = errno;
+        close(fd);
+        return file_error(error, set->path, err);
     }
     if (set->fd >= 0) {
         close(set->fd);
@@ -499,49 +556,98 @@ bool nbds_bitmaps_close(NbdsBitmapSet *set, GError **error)
 static bool corrupt(GError **error, const char *path, const char *what)
 {
     g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA,
-                "%s: %s; the bitmaps cannot be trusted (move the file away to drop them)",
+                "%s: %s; the bitmaps cannot be trusted, so the image is not served with "
+                "them (move the file away to drop them, and take a full backup next)",
                 path, what);
     return false;
 }
 
-static bool parse(NbdsBitmapSet *set, const uint8_t *buf, size_t len, GError **error)
+/* Check the header of a version 2 file; its directory length goes to *DIR_LEN. */
+static bool check_v2(NbdsBitmapSet *set, const uint8_t *buf, size_t len, uint64_t *dir_len,
+                     GError **error)
 {
     uint8_t digest[32];
-    uint32_t flags, count;
-    uint64_t body_len, recorded_size, pos = HEADER_SIZE;
-    int64_t mtime_sec;
-    uint32_t mtime_nsec;
-    struct stat st;
+    uint64_t body_len;
 
-    if (len < HEADER_SIZE || memcmp(buf, MAGIC, 8) != 0) {
-        return corrupt(error, set->path, "not an nbdfs bitmap file");
+    sha256(buf, 128, digest);
+    if (memcmp(digest, buf + 128, 32) != 0) {
+        return corrupt(error, set->path, "header checksum mismatch");
     }
-    if (get_le32(buf + 8) != VERSION) {
-        g_set_error(error, G_IO_ERROR, G_IO_ERROR_NOT_SUPPORTED,
-                    "%s: bitmap file version %u; this nbdfs reads version %d", set->path,
-                    get_le32(buf + 8), VERSION);
-        return false;
+    body_len = get_le64(buf + 40);
+    *dir_len = get_le64(buf + 112);
+    if (body_len != len - HEADER_SIZE || *dir_len > body_len) {
+        return corrupt(error, set->path, "truncated or extended file");
     }
+    sha256(buf + HEADER_SIZE, *dir_len, digest);
+    if (memcmp(digest, buf + 48, 32) != 0) {
+        return corrupt(error, set->path, "directory checksum mismatch");
+    }
+    if (!(get_le32(buf + 12) & FLAG_IN_USE)) {
+        sha256(buf + HEADER_SIZE + *dir_len, body_len - *dir_len, digest);
+        if (memcmp(digest, buf + 80, 32) != 0) {
+            return corrupt(error, set->path, "data checksum mismatch");
+        }
+    }
+    return true;
+}
+
+/* Check the header of a version 1 file (closed cleanly: one sum covers it all). */
+static bool check_v1(NbdsBitmapSet *set, const uint8_t *buf, size_t len, GError **error)
+{
+    uint8_t digest[32];
+
     sha256(buf, 96, digest);
     if (memcmp(digest, buf + 96, 32) != 0) {
         return corrupt(error, set->path, "header checksum mismatch");
     }
-    flags = get_le32(buf + 12);
-    recorded_size = get_le64(buf + 16);
-    mtime_sec = (int64_t)get_le64(buf + 24);
-    mtime_nsec = get_le32(buf + 32);
-    count = get_le32(buf + 36);
-    body_len = get_le64(buf + 40);
-    if (body_len != len - HEADER_SIZE) {
+    if (get_le64(buf + 40) != len - V1_HEADER_SIZE) {
         return corrupt(error, set->path, "truncated or extended file");
     }
-    if (!(flags & FLAG_IN_USE)) {
-        /* In use, pages were being rewritten in place: the body sum is stale by design. */
-        sha256(buf + HEADER_SIZE, body_len, digest);
-        if (memcmp(digest, buf + 48, 32) != 0) {
-            return corrupt(error, set->path, "checksum mismatch");
-        }
+    if (get_le32(buf + 12) & FLAG_IN_USE) {
+        return corrupt(error, set->path, "a version 1 file left in use by a server that did "
+                       "not shut down cleanly, which cannot be verified");
     }
+    sha256(buf + V1_HEADER_SIZE, len - V1_HEADER_SIZE, digest);
+    if (memcmp(digest, buf + 48, 32) != 0) {
+        return corrupt(error, set->path, "checksum mismatch");
+    }
+    return true;
+}
+
+bool nbds_bitmaps_parse(NbdsBitmapSet *set, const uint8_t *buf, size_t len,
+                        NbdsSidecarState *state, GError **error)
+{
+    uint32_t version, count;
+    uint64_t dir_end, data_start, pos, dir_len = 0;
+
+    if (len < V1_HEADER_SIZE || memcmp(buf, MAGIC, 8) != 0) {
+        return corrupt(error, set->path, "not an nbdfs bitmap file");
+    }
+    version = get_le32(buf + 8);
+    if (version == 1) {
+        if (!check_v1(set, buf, len, error)) {
+            return false;
+        }
+        /* Version 1 records no directory length: entries only have to fit the file. */
+        pos = data_start = V1_HEADER_SIZE;
+        dir_end = len;
+    } else if (version == VERSION) {
+        if (len < HEADER_SIZE || !check_v2(set, buf, len, &dir_len, error)) {
+            return len < HEADER_SIZE ? corrupt(error, set->path, "truncated file") : false;
+        }
+        pos = HEADER_SIZE;
+        dir_end = data_start = HEADER_SIZE + dir_len;
+    } else {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_NOT_SUPPORTED,
+                    "%s: bitmap file version %u; this nbdfs reads versions 1 and %d",
+                    set->path, version, VERSION);
+        return false;
+    }
+    state->in_use = get_le32(buf + 12) & FLAG_IN_USE;
+    state->size = get_le64(buf + 16);
+    state->mtime_sec = (int64_t)get_le64(buf + 24);
+    state->mtime_nsec = get_le32(buf + 32);
+    count = get_le32(buf + 36);
     if (count > NBDS_BITMAP_MAX_COUNT) {
         return corrupt(error, set->path, "too many bitmaps");
     }
@@ -553,26 +659,26 @@ static bool parse(NbdsBitmapSet *set, const uint8_t *buf, size_t len, GError **e
         g_autofree char *name = NULL;
         NbdsBitmap *bm;
 
-        if (len - pos < ENTRY_SIZE) {
-            return corrupt(error, set->path, "directory overruns the file");
+        if (dir_end - pos < ENTRY_SIZE) {
+            return corrupt(error, set->path, "directory overruns its length");
         }
         nlen = get_le16(buf + pos);
         gran = get_le32(buf + pos + 4);
         nbits = get_le64(buf + pos + 8);
         off = get_le64(buf + pos + 16);
         dlen = get_le64(buf + pos + 24);
-        if (len - pos - ENTRY_SIZE < nlen) {
-            return corrupt(error, set->path, "directory overruns the file");
+        if (dir_end - pos - ENTRY_SIZE < nlen) {
+            return corrupt(error, set->path, "directory overruns its length");
         }
         name = g_strndup((const char *)buf + pos + ENTRY_SIZE, nlen);
         if (strlen(name) != nlen || !nbds_bitmap_name_valid(name, NULL) ||
             gran < NBDS_BITMAP_MIN_GRANULARITY || gran > NBDS_BITMAP_MAX_GRANULARITY ||
-            (gran & (gran - 1)) || nbits != (recorded_size + gran - 1) / gran ||
-            dlen != (nbits + 63) / 64 * 8 || off < HEADER_SIZE || off > len || dlen > len - off ||
+            (gran & (gran - 1)) || nbits != (state->size + gran - 1) / gran ||
+            dlen != (nbits + 63) / 64 * 8 || off < data_start || off > len || dlen > len - off ||
             nbds_bitmaps_find(set, name)) {
             return corrupt(error, set->path, "invalid bitmap entry");
         }
-        bm = bitmap_new(name, gran, recorded_size);
+        bm = bitmap_new(name, gran, state->size);
         bm->enabled = buf[pos + 2] & ENTRY_ENABLED;
         bm->inconsistent = buf[pos + 2] & ENTRY_INCONSISTENT;
         for (uint64_t w = 0; w < bm->nwords; w++) {
@@ -584,61 +690,138 @@ static bool parse(NbdsBitmapSet *set, const uint8_t *buf, size_t len, GError **e
         g_ptr_array_add(set->bitmaps, bm);
         pos += ENTRY_SIZE + nlen;
     }
-
-    /* Was the image written without us knowing? */
-    if (fstat(nbds_image_fd(set->image), &st) < 0) {
-        g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno), "%s: %s",
-                    nbds_image_path(set->image), g_strerror(errno));
-        return false;
+    if (version == VERSION && pos != dir_end) {
+        return corrupt(error, set->path, "directory length does not match its entries");
     }
-    if (flags & FLAG_IN_USE) {
+    return true;
+}
+
+/* Was the image written without us knowing?  Then every bitmap is all dirty. */
+static void check_consistency(NbdsBitmapSet *set, const NbdsSidecarState *state,
+                              const struct stat *st)
+{
+    if (state->in_use) {
         set->inconsistent_reason = "the server writing the image did not shut down cleanly";
-    } else if (recorded_size != set->size) {
+    } else if (state->size != set->size) {
         set->inconsistent_reason = "the image's size changed while it was not served";
-    } else if (st.st_mtim.tv_sec != mtime_sec || st.st_mtim.tv_nsec != mtime_nsec) {
+    } else if (st->st_mtim.tv_sec != state->mtime_sec ||
+               st->st_mtim.tv_nsec != state->mtime_nsec) {
         set->inconsistent_reason = "the image was modified while it was not served";
     }
-    if (set->inconsistent_reason) {
-        for (guint i = 0; i < set->bitmaps->len; i++) {
-            NbdsBitmap *bm = g_ptr_array_index(set->bitmaps, i);
-            if (recorded_size != set->size) {
-                /* Re-size to the image: every bit counts as dirty anyway. */
-                NbdsBitmap *fresh = bitmap_new(bm->name, bm->granularity, set->size);
-                fresh->enabled = bm->enabled;
-                g_ptr_array_index(set->bitmaps, i) = fresh;
-                bitmap_free(bm);
-                bm = fresh;
-            }
-            bm->inconsistent = true;
-        }
+    if (!set->inconsistent_reason) {
+        return;
     }
+    for (guint i = 0; i < set->bitmaps->len; i++) {
+        NbdsBitmap *bm = g_ptr_array_index(set->bitmaps, i);
+        if (state->size != set->size) {
+            /* Re-size to the image: every bit counts as dirty anyway. */
+            NbdsBitmap *fresh = bitmap_new(bm->name, bm->granularity, set->size);
+            fresh->enabled = bm->enabled;
+            g_ptr_array_index(set->bitmaps, i) = fresh;
+            bitmap_free(bm);
+            bm = fresh;
+        }
+        bm->inconsistent = true;
+    }
+}
+
+NbdsBitmapSet *nbds_bitmaps_new(const char *path, uint64_t size)
+{
+    NbdsBitmapSet *set = g_new0(NbdsBitmapSet, 1);
+
+    set->path = g_strdup(path);
+    set->name = g_path_get_basename(path);
+    set->dirfd = -1;
+    set->size = size;
+    set->fd = -1;
+    set->bitmaps = g_ptr_array_new_with_free_func((GDestroyNotify)bitmap_free);
+    g_mutex_init(&set->sync_lock);
+    return set;
+}
+
+/* Read the whole sidecar (NAME in DIRFD) without following a symlink; ENOENT: none. */
+static bool read_sidecar(NbdsBitmapSet *set, GByteArray **out, GError **error)
+{
+    g_autoptr(GByteArray) bytes = g_byte_array_new();
+    struct stat st;
+    int fd = openat(set->dirfd, set->name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+
+    if (fd < 0) {
+        if (errno == ENOENT) {
+            *out = NULL;
+            return true;
+        }
+        if (errno == ELOOP) {
+            g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA,
+                        "%s: is a symbolic link, which nbdfs does not follow here (make it "
+                        "the file itself)", set->path);
+            return false;
+        }
+        return file_error(error, set->path, errno);
+    }
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA,
+                    "%s: not a regular file", set->path);
+        return false;
+    }
+    for (;;) {
+        uint8_t chunk[65536];
+        ssize_t n = read(fd, chunk, sizeof(chunk));
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0) {
+            int err = errno;
+            close(fd);
+            return file_error(error, set->path, err);
+        }
+        if (n == 0) {
+            break;
+        }
+        g_byte_array_append(bytes, chunk, n);
+    }
+    close(fd);
+    *out = g_steal_pointer(&bytes);
     return true;
 }
 
 NbdsBitmapSet *nbds_bitmaps_load(NbdsImage *img, bool for_writing, GError **error)
 {
-    g_autoptr(NbdsBitmapSet) set = g_new0(NbdsBitmapSet, 1);
-    g_autofree char *contents = NULL;
-    gsize len;
-    g_autoptr(GError) local = NULL;
+    g_autofree char *path = nbds_bitmap_sidecar_path(nbds_image_path(img));
+    g_autofree char *dir = g_path_get_dirname(path);
+    g_autoptr(NbdsBitmapSet) set = nbds_bitmaps_new(path, nbds_image_size(img));
+    g_autoptr(GByteArray) bytes = NULL;
+    NbdsSidecarState state;
+    struct stat st;
 
-    set->path = nbds_bitmap_sidecar_path(nbds_image_path(img));
     set->image = img;
-    set->size = nbds_image_size(img);
-    set->fd = -1;
-    set->bitmaps = g_ptr_array_new_with_free_func((GDestroyNotify)bitmap_free);
-    g_mutex_init(&set->sync_lock);
-
-    if (!g_file_get_contents(set->path, &contents, &len, &local)) {
-        if (!g_error_matches(local, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
-            g_propagate_error(error, g_steal_pointer(&local));
-            return NULL;
-        }
-        return g_steal_pointer(&set);
-    }
-    if (!parse(set, (const uint8_t *)contents, len, error)) {
+    /* The image's path was resolved when it was opened: this is its real directory. */
+    set->dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (set->dirfd < 0) {
+        file_error(error, dir, errno);
         return NULL;
     }
+    if (!read_sidecar(set, &bytes, error)) {
+        return NULL;
+    }
+    if (!bytes) {
+        return g_steal_pointer(&set);
+    }
+    if (nbds_image_is_block_device(img)) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_NOT_SUPPORTED,
+                    "%s: a block device cannot have bitmaps (changes made while it is not "
+                    "served could not be detected): move the file away", path);
+        return NULL;
+    }
+    if (!nbds_bitmaps_parse(set, bytes->data, bytes->len, &state, error)) {
+        return NULL;
+    }
+    if (fstat(nbds_image_fd(img), &st) < 0) {
+        file_error(error, nbds_image_path(img), errno);
+        return NULL;
+    }
+    check_consistency(set, &state, &st);
     /* Before the first write: a crash from now on must leave the flag behind. */
     if (for_writing && set->bitmaps->len && !save(set, true, error)) {
         return NULL;

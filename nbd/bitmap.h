@@ -40,10 +40,29 @@ typedef struct {
 /* The sidecar's path for IMAGE_PATH (caller frees). */
 char *nbds_bitmap_sidecar_path(const char *image_path);
 
+/* What a sidecar's header says of the image it belongs to. */
+typedef struct {
+    bool in_use;                   /* a server was writing the image */
+    uint64_t size;                 /* the image's size, and mtime, at the last clean close */
+    int64_t mtime_sec;
+    uint32_t mtime_nsec;
+} NbdsSidecarState;
+
+/* An empty set for the sidecar at PATH of an image of SIZE bytes, with no file. */
+NbdsBitmapSet *nbds_bitmaps_new(const char *path, uint64_t size);
+/*
+ * Check and parse a sidecar's bytes into SET's bitmaps (no file, no image:
+ * the fuzzers feed it directly).  A file failing any check is an error
+ * naming it and saying how to recover.
+ */
+bool nbds_bitmaps_parse(NbdsBitmapSet *set, const uint8_t *buf, size_t len,
+                        NbdsSidecarState *state, GError **error);
+
 /*
  * Load the bitmaps of IMG (opened and locked by the caller).  A missing
  * sidecar is an empty set.  A corrupt or foreign sidecar is an error naming
- * it.  FOR_WRITING (a server that writes the image) marks the sidecar in use
+ * it, and so is one beside a block device (its changes while not served
+ * could not be detected), or one that is a symlink.  FOR_WRITING (a server that writes the image) marks the sidecar in use
  * on disk before returning; otherwise nothing is written.
  */
 NbdsBitmapSet *nbds_bitmaps_load(NbdsImage *img, bool for_writing, GError **error);

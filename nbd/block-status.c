@@ -105,14 +105,27 @@ static void encode_chunk(NbdsConn *c, const NbdsRequest *req, uint32_t id,
     }
 }
 
+/* Bytes of one context's answer at most: its chunk, and the list it is built in. */
+static uint64_t context_cost(bool req_one)
+{
+    uint64_t n = req_one ? 1 : NBDS_MAX_EXTENTS;
+
+    return NBDS_REPLY_HEADER_MAX + 8 + n * (16 + sizeof(NbdsExtent));
+}
+
+uint64_t nbds_block_status_cost(const NbdsConn *c, bool req_one)
+{
+    /* A payload may only name contexts that were selected: at most all of them. */
+    return c->meta_count * context_cost(req_one);
+}
+
 bool nbds_block_status_reply(NbdsConn *c, const NbdsRequest *req, uint64_t length,
                              const uint32_t *ids, size_t n_ids)
 {
     NbdsExport *exp = c->export;
     size_t max = req->flags & NBDS_CMD_FLAG_REQ_ONE ? 1 : NBDS_MAX_EXTENTS;
     g_autofree uint32_t *all = NULL;
-    g_autoptr(GPtrArray) lists = g_ptr_array_new_with_free_func((GDestroyNotify)nbds_extents_free);
-    g_autoptr(GByteArray) out = NULL;
+    g_autoptr(GByteArray) out = g_byte_array_new();
     struct iovec iov;
 
     if (n_ids == 0) {
@@ -124,15 +137,16 @@ bool nbds_block_status_reply(NbdsConn *c, const NbdsRequest *req, uint64_t lengt
         }
         ids = all;
     }
-    /* Compute everything first: an error must come before any status chunk. */
+    /*
+     * Each context's chunk is encoded as soon as it is known (and its list
+     * freed); nothing is sent before all are, so an error still comes first.
+     */
     for (size_t i = 0; i < n_ids; i++) {
         NbdsMetaContext *ctx = g_ptr_array_index(exp->contexts, ids[i]);
-        NbdsExtents *e = nbds_extents_new(req->offset, length, max,
-                                          c->mode != NBDS_MODE_EXTENDED);
-        int err;
+        g_autoptr(NbdsExtents) e = nbds_extents_new(req->offset, length, max,
+                                                    c->mode != NBDS_MODE_EXTENDED);
+        int err = ctx->extents(exp, ctx, e);
 
-        g_ptr_array_add(lists, e);
-        err = ctx->extents(exp, ctx, e);
         if (err) {
             return nbds_reply_error(c, req, nbds_errno_to_wire(err), "%s: %s", ctx->name,
                                     g_strerror(err));
@@ -140,10 +154,7 @@ bool nbds_block_status_reply(NbdsConn *c, const NbdsRequest *req, uint64_t lengt
         if (e->count == 0) {
             nbds_extents_add(e, length, 0);    /* status 0 is always safe */
         }
-    }
-    out = g_byte_array_new();
-    for (size_t i = 0; i < n_ids; i++) {
-        encode_chunk(c, req, ids[i], g_ptr_array_index(lists, i), i + 1 == n_ids, out);
+        encode_chunk(c, req, ids[i], e, i + 1 == n_ids, out);
     }
     iov.iov_base = out->data;
     iov.iov_len = out->len;

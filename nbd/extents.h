@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <glib.h>
+
 typedef struct {
     uint64_t length;
     uint32_t flags;
@@ -44,6 +46,7 @@ typedef struct {
  */
 NbdsExtents *nbds_extents_new(uint64_t offset, uint64_t length, size_t max, bool compact);
 void nbds_extents_free(NbdsExtents *e);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NbdsExtents, nbds_extents_free)
 
 /*
  * Append LENGTH bytes of status FLAGS at e->next.  Returns true while more may

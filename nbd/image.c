@@ -120,6 +120,11 @@ static void forget_data_run(NbdsImage *img)
 
 const char *nbds_image_path(const NbdsImage *img) { return img->path; }
 uint64_t nbds_image_size(const NbdsImage *img) { return img->size; }
+bool nbds_image_is_block_device(const NbdsImage *img)
+{
+    return img->is_block_device;
+}
+
 int nbds_image_fd(const NbdsImage *img) { return img->fd; }
 
 int nbds_image_pread(NbdsImage *img, void *buf, uint64_t len, uint64_t offset)
@@ -146,17 +151,22 @@ int nbds_image_pread(NbdsImage *img, void *buf, uint64_t len, uint64_t offset)
     return 0;
 }
 
-/* pwrite, with RWF_DSYNC for FUA where the kernel supports it. */
+/*
+ * pwrite, with RWF_DSYNC for FUA where the kernel supports it.  When it
+ * turns out not to, *DSYNC is cleared: the caller must then flush, this
+ * write included.
+ */
 static ssize_t write_once(NbdsImage *img, const void *buf, size_t len, uint64_t offset,
-                          bool dsync)
+                          bool *dsync)
 {
-    if (dsync && g_atomic_int_get(&img->can_dsync)) {
+    if (*dsync) {
         struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
         ssize_t r = pwritev2(img->fd, &iov, 1, offset, RWF_DSYNC);
         if (r >= 0 || (errno != EOPNOTSUPP && errno != EINVAL)) {
             return r;
         }
         g_atomic_int_set(&img->can_dsync, 0);
+        *dsync = false;
     }
     return pwrite(img->fd, buf, len, offset);
 }
@@ -167,7 +177,7 @@ int nbds_image_pwrite(NbdsImage *img, const void *buf, uint64_t len, uint64_t of
     bool dsync = fua && g_atomic_int_get(&img->can_dsync);
 
     while (len > 0) {
-        ssize_t r = write_once(img, p, len, offset, dsync);
+        ssize_t r = write_once(img, p, len, offset, &dsync);
         if (r < 0) {
             if (errno == EINTR) {
                 continue;
@@ -178,6 +188,7 @@ int nbds_image_pwrite(NbdsImage *img, const void *buf, uint64_t len, uint64_t of
         offset += r;
         len -= r;
     }
+    /* FUA without RWF_DSYNC (or found missing on this very write): flush it all. */
     if (fua && !dsync) {
         return nbds_image_flush(img);
     }

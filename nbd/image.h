@@ -28,6 +28,7 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(NbdsImage, nbds_image_close)
 const char *nbds_image_path(const NbdsImage *img);
 uint64_t nbds_image_size(const NbdsImage *img);
 int nbds_image_fd(const NbdsImage *img);
+bool nbds_image_is_block_device(const NbdsImage *img);
 
 int nbds_image_pread(NbdsImage *img, void *buf, uint64_t len, uint64_t offset);
 int nbds_image_pwrite(NbdsImage *img, const void *buf, uint64_t len, uint64_t offset, bool fua);

@@ -24,8 +24,36 @@
 /* Requests served at once per connection, and the bytes they may hold. */
 #define NBDS_MAX_IN_FLIGHT       64
 #define NBDS_MAX_IN_FLIGHT_BYTES (64u << 20)
+/* What any request costs at least (its work item, a small reply). */
+#define NBDS_REQUEST_OVERHEAD    4096u
 
 typedef struct NbdsConn NbdsConn;
+
+/* ---- budget.c ---- */
+
+/* Bytes held for clients, server-wide (see budget.c). */
+typedef struct {
+    GMutex lock;                   /* a leaf lock */
+    GCond cond;                    /* a charge was released */
+    uint64_t limit;                /* --max-buffered */
+    uint64_t floor;                /* each connection's own share */
+    uint64_t pool_limit, pool_used;   /* what connections hold above their floor */
+    uint64_t total, peak;          /* held in all (statistics) */
+} NbdsBudget;
+
+void nbds_budget_init(NbdsBudget *b, uint64_t limit, unsigned max_connections);
+void nbds_budget_clear(NbdsBudget *b);
+/*
+ * Charge one request of COST bytes to C, waiting while C (or the server) is
+ * over budget.  Only C's reader calls it.  False if C broke meanwhile.
+ */
+bool nbds_budget_reserve(NbdsConn *c, uint64_t cost);
+/* Give back BYTES (and, with REQUEST, the request itself). */
+void nbds_budget_release(NbdsConn *c, uint64_t bytes, bool request);
+/* Charge BYTES that exist already (a queued reply): never waits. */
+void nbds_budget_charge(NbdsConn *c, uint64_t bytes);
+/* Wake every reader waiting for budget (a connection broke). */
+void nbds_budget_wake(NbdsServer *s);
 
 /* ---- meta-context.c ---- */
 
@@ -76,6 +104,8 @@ struct NbdsServer {
     unsigned n_refusing;           /* over-cap clients being turned away */
     GPtrArray *finished;           /* GThread * of ended connections, to be joined */
     gint shutting_down;            /* atomic: read by connections without the lock */
+
+    NbdsBudget budget;             /* bytes held for all clients */
 };
 
 /* The export NAME, or NULL.  "" is the default export. */
@@ -105,20 +135,25 @@ struct NbdsConn {
 
     /*
      * Transmission (transmission.c, reply.c).  Workers send replies straight
-     * to the socket, waiting a short while at most; what a client is too slow
-     * to take waits in out_queue for the connection's writer thread (started
-     * the first time), so a client that stops reading stalls only itself.
+     * to the socket when it takes them at once, and never wait for it: what
+     * a client is too slow to take waits in out_queue for the connection's
+     * writer thread (started the first time), so a client that stops reading
+     * stalls only itself, and no worker.
      */
-    GMutex send_lock;              /* serialises workers' direct sends */
+    GMutex send_lock;              /* serialises workers' non-blocking direct sends */
     GMutex lock;                   /* protects what follows */
     GCond cond;
     unsigned in_flight;            /* requests being run by workers */
-    uint64_t in_flight_bytes;      /* their buffers */
+    gint64 last_activity;          /* monotonic us: last request received or answered */
     GQueue out_queue;              /* NbdsOutBuf *, replies waiting for the socket */
     uint64_t out_bytes;            /* bytes in out_queue */
     GThread *writer;
     bool writer_stop;
     gint broken;                   /* atomic: a send failed, stop reading and close */
+
+    /* budget.c (under the budget's lock): what this client holds. */
+    uint64_t held;
+    unsigned requests;
 };
 
 NbdsConn *nbds_conn_new(NbdsServer *server, int fd);
@@ -188,6 +223,9 @@ uint32_t nbds_block_status_parse_payload(const uint8_t *payload, size_t len,
                                          const bool *selected, size_t n,
                                          uint64_t *effect_length, uint32_t *ids,
                                          size_t *n_ids, const char **why);
+
+/* The most memory one BLOCK_STATUS request can take (budget.c charges it first). */
+uint64_t nbds_block_status_cost(const NbdsConn *c, bool req_one);
 
 /*
  * Answer BLOCK_STATUS for [REQ->offset, +LENGTH) with the contexts IDS (all

@@ -8,7 +8,6 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <string.h>
-#include <poll.h>
 #include <sys/socket.h>
 
 #include "protostrings.h"
@@ -57,14 +56,21 @@ static void out_buf_free(gpointer data)
 /* Called with c->lock held: the connection is dead, drop what was waiting. */
 static void mark_broken(NbdsConn *c)
 {
+    uint64_t dropped = c->out_bytes;
+
     g_atomic_int_set(&c->broken, 1);
     g_queue_clear_full(&c->out_queue, out_buf_free);
     c->out_bytes = 0;
-    /* Wake the reader blocked in recv: the connection is over. */
+    /* Wake the reader blocked in recv, or waiting for budget: the connection is over. */
     shutdown(c->fd, SHUT_RDWR);
     g_cond_broadcast(&c->cond);
+    nbds_budget_release(c, dropped, false);
 }
 
+/*
+ * The connection's writer: puts on the wire what a slow client could not
+ * take at once.  The only thread that waits on the client's socket.
+ */
 static gpointer writer_thread(gpointer data)
 {
     NbdsConn *c = data;
@@ -91,6 +97,7 @@ static gpointer writer_thread(gpointer data)
         }
         g_queue_pop_head(&c->out_queue);
         c->out_bytes -= b->len;
+        nbds_budget_release(c, b->len, false);
         out_buf_free(b);
         g_cond_broadcast(&c->cond);
     }
@@ -99,16 +106,10 @@ static gpointer writer_thread(gpointer data)
 }
 
 /*
- * How long a worker waits for a client to make room in its socket before
- * leaving the rest of the reply to the connection's writer thread.
+ * Write what of IOV the socket takes now, never waiting for the client.
+ * Returns false on an error; IOV is advanced past what was sent.
  */
-#define SEND_STALL_MS 100
-
-/*
- * Write IOV to the socket until done, an error, or the client has taken
- * nothing for SEND_STALL_MS.  Returns false on an error; IOV is advanced.
- */
-static bool send_direct(NbdsConn *c, struct iovec **iovp, int *iovcntp)
+static bool send_now(NbdsConn *c, struct iovec **iovp, int *iovcntp)
 {
     struct iovec *iov = *iovp;
     int iovcnt = *iovcntp;
@@ -119,19 +120,14 @@ static bool send_direct(NbdsConn *c, struct iovec **iovp, int *iovcntp)
         ssize_t r = sendmsg(c->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
 
         if (r < 0) {
-            struct pollfd pfd = { .fd = c->fd, .events = POLLOUT };
             if (errno == EINTR) {
                 continue;
             }
             if (errno != EAGAIN) {
                 g_debug("%s: send: %s", c->peer, g_strerror(errno));
                 ok = false;
-                break;
             }
-            if (poll(&pfd, 1, SEND_STALL_MS) == 0) {
-                break;              /* a slow reader: queue the rest */
-            }
-            continue;
+            break;                  /* full: the rest goes to the writer */
         }
         nbds_iov_advance(&iov, &iovcnt, r);
     }
@@ -142,10 +138,12 @@ static bool send_direct(NbdsConn *c, struct iovec **iovp, int *iovcntp)
 
 bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
 {
+    g_autoptr(GError) error = NULL;
     NbdsOutBuf *b;
     size_t len = 0;
     bool direct;
 
+    /* Serialises the workers' direct sends: each holds it for one non-blocking sendmsg. */
     g_mutex_lock(&c->send_lock);
     g_mutex_lock(&c->lock);
     if (g_atomic_int_get(&c->broken)) {
@@ -157,7 +155,7 @@ bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
     direct = g_queue_is_empty(&c->out_queue);
     g_mutex_unlock(&c->lock);
 
-    if (direct && !send_direct(c, &iov, &iovcnt)) {
+    if (direct && !send_now(c, &iov, &iovcnt)) {
         g_mutex_lock(&c->lock);
         mark_broken(c);
         g_mutex_unlock(&c->lock);
@@ -168,7 +166,7 @@ bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
         g_mutex_unlock(&c->send_lock);
         return true;
     }
-    /* The client is slow to read: the rest waits for the writer thread. */
+    /* The client is slow to read: the rest waits for the writer, charged to the client. */
     for (int i = 0; i < iovcnt; i++) {
         len += iov[i].iov_len;
     }
@@ -180,11 +178,21 @@ bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
         memcpy(b->data + len, iov[i].iov_base, iov[i].iov_len);
         len += iov[i].iov_len;
     }
+    nbds_budget_charge(c, b->len);
     g_mutex_lock(&c->lock);
     g_queue_push_tail(&c->out_queue, b);
     c->out_bytes += b->len;
     if (!c->writer) {
-        c->writer = g_thread_new("nbds-writer", writer_thread, c);
+        /* No thread to be had costs this client only: the others go on. */
+        c->writer = g_thread_try_new("nbds-writer", writer_thread, c, &error);
+        if (!c->writer) {
+            g_warning("%s: cannot start a thread to send replies (%s): dropping the client",
+                      c->peer, error->message);
+            mark_broken(c);
+            g_mutex_unlock(&c->lock);
+            g_mutex_unlock(&c->send_lock);
+            return false;
+        }
     }
     g_cond_broadcast(&c->cond);
     g_mutex_unlock(&c->lock);

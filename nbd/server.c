@@ -45,6 +45,12 @@ NbdsServer *nbds_server_new(const NbdsServerConfig *config)
     if (!s->config.threads) {
         s->config.threads = 16;
     }
+    if (!s->config.max_buffered) {
+        s->config.max_buffered = NBDS_DEFAULT_MAX_BUFFERED;
+    }
+    nbds_budget_init(&s->budget, s->config.max_buffered,
+                     s->config.max_connections ? s->config.max_connections
+                                               : NBDS_DEFAULT_MAX_CONNECTIONS);
     s->exports = g_ptr_array_new_with_free_func((GDestroyNotify)export_free);
     s->listen_fds = g_array_new(FALSE, FALSE, sizeof(int));
     s->finished = g_ptr_array_new();
@@ -64,6 +70,7 @@ void nbds_server_free(NbdsServer *s)
     g_ptr_array_unref(s->finished);
     g_mutex_clear(&s->lock);
     g_cond_clear(&s->cond);
+    nbds_budget_clear(&s->budget);
     g_free(s);
 }
 
@@ -255,6 +262,34 @@ bool nbds_server_listen_tcp(NbdsServer *s, const char *address, const char *port
 
 /* ---- connections ---- */
 
+/* Keepalive: a dead peer is probed after a minute idle, dropped 1 minute later. */
+#define KEEPALIVE_IDLE_S 60
+#define KEEPALIVE_INTERVAL_S 10
+#define KEEPALIVE_PROBES 6
+
+/*
+ * TCP clients: no Nagle delay on replies, and keepalive, so a client that
+ * vanished without a FIN (a dead host, a cut network) is noticed and its
+ * connection freed.  Nothing to do on unix sockets.
+ */
+static void set_tcp_options(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    int one = 1, idle = KEEPALIVE_IDLE_S, interval = KEEPALIVE_INTERVAL_S;
+    int probes = KEEPALIVE_PROBES;
+
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0 ||
+        (ss.ss_family != AF_INET && ss.ss_family != AF_INET6)) {
+        return;
+    }
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof(probes));
+}
+
 /* Take C off the server's books; THREAD (if any) is to be joined. */
 static void forget_conn(NbdsServer *s, NbdsConn *c, bool refused, GThread *thread)
 {
@@ -320,19 +355,25 @@ void nbds_server_serve_fd(NbdsServer *s, int fd)
     NbdsConn *c;
     GThread *t;
     bool refuse = false;
-    int one = 1;
     g_autoptr(GError) error = NULL;
 
-    /* Harmless on unix sockets (it fails), essential on TCP. */
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    set_tcp_options(fd);
 
     g_mutex_lock(&s->lock);
     if (!s->workers) {
         /*
          * Threads start with the first client, so a server may fork before
-         * that.  Exclusive: they are the server's own and end with it.
+         * that.  Exclusive: they are the server's own, all started now (no
+         * request can then fail for want of a thread), and end with it.
          */
-        s->workers = g_thread_pool_new(nbds_work_run, s, s->config.threads, TRUE, NULL);
+        s->workers = g_thread_pool_new(nbds_work_run, s, s->config.threads, TRUE, &error);
+        if (!s->workers) {
+            g_mutex_unlock(&s->lock);
+            g_warning("cannot start the worker threads (%s): closing the client",
+                      error->message);
+            close(fd);
+            return;
+        }
     }
     if (s->config.max_connections && s->n_conns >= s->config.max_connections) {
         if (s->n_refusing >= MAX_REFUSING) {
@@ -347,7 +388,7 @@ void nbds_server_serve_fd(NbdsServer *s, int fd)
     c = nbds_conn_new(s, fd);
     c->refuse = refuse;
     if (s->config.handshake_limit) {
-        c->deadline = g_get_monotonic_time() + s->config.handshake_limit * G_USEC_PER_SEC;
+        c->deadline = g_get_monotonic_time() + (gint64)s->config.handshake_limit * G_USEC_PER_SEC;
     } else if (refuse) {
         c->deadline = g_get_monotonic_time() + G_USEC_PER_SEC;
     }
@@ -438,6 +479,7 @@ bool nbds_server_shutdown(NbdsServer *s)
     g_array_set_size(s->listen_fds, 0);
 
     /* Stop reading requests; requests in flight still get their replies. */
+    nbds_budget_wake(s);
     g_mutex_lock(&s->lock);
     shutdown_all(s, SHUT_RD);
     while (s->n_conns > 0 || s->n_refusing > 0) {

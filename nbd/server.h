@@ -19,12 +19,19 @@ typedef struct {
     bool read_only;                /* every export read-only */
     unsigned max_connections;      /* past it new clients are refused politely; 0 = no cap */
     unsigned handshake_limit;      /* seconds a client may take to negotiate; 0 = none */
+    unsigned idle_limit;           /* seconds a client may send nothing (none in flight); 0 = none */
     unsigned threads;              /* worker threads; 0 = a default */
     bool any_format;               /* serve images whose magic says qcow2, vmdk... as raw */
+    uint64_t max_buffered;         /* bytes held for all clients at most; 0 = the default */
 } NbdsServerConfig;
 
 #define NBDS_DEFAULT_MAX_CONNECTIONS 128
 #define NBDS_DEFAULT_HANDSHAKE_LIMIT 10
+/* What all clients together may make the server hold (budget.c). */
+#define NBDS_DEFAULT_MAX_BUFFERED (UINT64_C(256) << 20)
+#define NBDS_MIN_MAX_BUFFERED (UINT64_C(128) << 20)
+/* Time limits (seconds) the server accepts: a day; more is surely a mistake. */
+#define NBDS_MAX_TIME_LIMIT 86400
 
 NbdsServer *nbds_server_new(const NbdsServerConfig *config);
 

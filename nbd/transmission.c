@@ -13,6 +13,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
 
@@ -25,7 +26,7 @@ typedef struct {
     uint64_t length;               /* effect length (block status payload form aside = req.length) */
     uint32_t *ids;                 /* block status: contexts asked for (NULL = all selected) */
     size_t n_ids;
-    uint64_t cost;                 /* bytes counted against the in-flight budget */
+    uint64_t cost;                 /* bytes charged to the client's budget */
 } NbdsWork;
 
 static void work_free(NbdsWork *w)
@@ -157,6 +158,12 @@ static uint32_t check_request(NbdsConn *c, NbdsWork *w, const uint8_t *payload,
         return NBDS_EINVAL;
     }
     return 0;
+}
+
+/* The client did something (or we answered it): its idle time starts again.  c->lock held. */
+static void note_activity(NbdsConn *c)
+{
+    c->last_activity = g_get_monotonic_time();
 }
 
 /* READ: data and hole chunks (structured), or the bytes (simple, or DF). */
@@ -310,30 +317,47 @@ void nbds_work_run(gpointer data, gpointer user_data)
         g_assert_not_reached();
     }
 
+    nbds_budget_release(c, w->cost, true);
     g_mutex_lock(&c->lock);
     c->in_flight--;
-    c->in_flight_bytes -= w->cost;
+    note_activity(c);
     g_cond_broadcast(&c->cond);
     g_mutex_unlock(&c->lock);
     work_free(w);
 }
 
-/* Queue W for a worker, once the connection's in-flight budget has room. */
+/* Hand W to a worker: its cost was charged before its payload was read. */
 static void dispatch(NbdsConn *c, NbdsWork *w)
 {
-    w->cost = w->req.type == NBDS_CMD_READ ? w->length :
-              w->req.type == NBDS_CMD_WRITE ? w->length : 0;
     g_mutex_lock(&c->lock);
-    /* Replies not yet on the wire count too: a client that does not read stops being read. */
-    while ((c->in_flight > 0 || c->out_bytes > 0) &&
-           (c->in_flight >= NBDS_MAX_IN_FLIGHT ||
-            c->in_flight_bytes + c->out_bytes + w->cost > NBDS_MAX_IN_FLIGHT_BYTES)) {
-        g_cond_wait(&c->cond, &c->lock);
-    }
     c->in_flight++;
-    c->in_flight_bytes += w->cost;
     g_mutex_unlock(&c->lock);
     g_thread_pool_push(c->server->workers, w, NULL);
+}
+
+/*
+ * The most memory REQ (with a payload of PAYLOAD_LEN bytes) can make the
+ * server hold until it is answered: its payload, its read buffer, or its
+ * block-status answer at the descriptor cap for every context it may ask.
+ */
+static uint64_t request_cost(NbdsConn *c, const NbdsRequest *req, uint64_t payload_len)
+{
+    uint64_t cost = NBDS_REQUEST_OVERHEAD + payload_len;   /* a payload kept in memory */
+
+    switch (req->type) {
+    case NBDS_CMD_READ:
+        /* A longer READ is refused (EOVERFLOW) before it allocates anything. */
+        if (req->length <= NBDS_MAX_PAYLOAD) {
+            cost += req->length;
+        }
+        break;
+    case NBDS_CMD_BLOCK_STATUS:
+        cost += nbds_block_status_cost(c, req->flags & NBDS_CMD_FLAG_REQ_ONE);
+        break;
+    default:
+        break;
+    }
+    return cost;
 }
 
 /*
@@ -347,7 +371,9 @@ static bool receive_request(NbdsConn *c, const NbdsRequest *req)
     g_autofree uint8_t *payload = NULL;
     NbdsWork *w;
     const char *why = NULL;
+    uint64_t cost;
     uint32_t err;
+    bool keep, ok;
 
     g_debug("%s: %s flags 0x%x offset %" G_GUINT64_FORMAT " length %" G_GUINT64_FORMAT,
             c->peer, nbds_cmd_name(req->type), req->flags, req->offset, req->length);
@@ -374,28 +400,41 @@ static bool receive_request(NbdsConn *c, const NbdsRequest *req)
      * Keep the payloads we use (WRITE data, a block-status payload that can be
      * valid); drain any other without allocating it.
      */
-    if (payload_len && (req->type == NBDS_CMD_WRITE ||
-                        (req->type == NBDS_CMD_BLOCK_STATUS &&
-                         payload_len <= 8 + 4 * (uint64_t)c->export->contexts->len))) {
+    keep = payload_len && (req->type == NBDS_CMD_WRITE ||
+                           (req->type == NBDS_CMD_BLOCK_STATUS &&
+                            payload_len <= 8 + 4 * (uint64_t)c->export->contexts->len));
+    /* Charged before its payload is read: an over-budget client stops being read. */
+    cost = request_cost(c, req, keep ? payload_len : 0);
+    if (!nbds_budget_reserve(c, cost)) {
+        return false;
+    }
+    if (keep) {
         payload = g_try_malloc(payload_len);
         if (!payload) {
-            return nbds_conn_skip(c, payload_len) &&
-                   nbds_reply_error(c, req, NBDS_ENOMEM, "out of memory");
+            ok = nbds_conn_skip(c, payload_len) &&
+                 nbds_reply_error(c, req, NBDS_ENOMEM, "out of memory");
+            nbds_budget_release(c, cost, true);
+            return ok;
         }
         if (!nbds_conn_read(c, payload, payload_len)) {
+            nbds_budget_release(c, cost, true);
             return false;
         }
     } else if (payload_len && !nbds_conn_skip(c, payload_len)) {
+        nbds_budget_release(c, cost, true);
         return false;
     }
 
     w = g_new0(NbdsWork, 1);
     w->conn = c;
     w->req = *req;
+    w->cost = cost;
     err = check_request(c, w, payload, payload_len, &why);
     if (err) {
         work_free(w);
-        return nbds_reply_error(c, req, err, "%s", why);
+        ok = nbds_reply_error(c, req, err, "%s", why);
+        nbds_budget_release(c, cost, true);
+        return ok;
     }
     if (req->type == NBDS_CMD_WRITE) {
         w->data = g_steal_pointer(&payload);
@@ -404,17 +443,61 @@ static bool receive_request(NbdsConn *c, const NbdsRequest *req)
     return true;
 }
 
+/*
+ * With an idle limit: wait for the next request; false once the client has
+ * sent nothing for the limit while nothing of its was in flight (it is not
+ * idle while it waits for our replies).
+ */
+static bool wait_for_request(NbdsConn *c)
+{
+    gint64 limit = (gint64)c->server->config.idle_limit * G_USEC_PER_SEC;
+
+    if (!limit) {
+        return true;
+    }
+    for (;;) {
+        struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
+        gint64 left;
+        bool busy;
+        int r;
+
+        g_mutex_lock(&c->lock);
+        busy = c->in_flight > 0 || !g_queue_is_empty(&c->out_queue);
+        left = c->last_activity + limit - g_get_monotonic_time();
+        g_mutex_unlock(&c->lock);
+        if (!busy && left <= 0) {
+            g_message("%s: idle for %u s, dropping the client", c->peer,
+                      c->server->config.idle_limit);
+            return false;
+        }
+        /* Busy: look again in a second (its requests end, the clock starts). */
+        r = poll(&pfd, 1, busy ? 1000 : (int)MIN(left / 1000 + 1, G_MAXINT));
+        if (r > 0) {
+            return true;
+        }
+        if (r < 0 && errno != EINTR) {
+            return false;
+        }
+    }
+}
+
 void nbds_transmission(NbdsConn *c)
 {
     uint8_t hdr[sizeof(struct nbds_request_extended)];
     size_t hsize = nbds_request_size(c->mode);
 
+    g_mutex_lock(&c->lock);
+    note_activity(c);
+    g_mutex_unlock(&c->lock);
     for (;;) {
         NbdsRequest req;
 
-        if (!nbds_conn_read(c, hdr, hsize)) {
+        if (!wait_for_request(c) || !nbds_conn_read(c, hdr, hsize)) {
             break;
         }
+        g_mutex_lock(&c->lock);
+        note_activity(c);
+        g_mutex_unlock(&c->lock);
         if (!nbds_request_decode(c->mode, hdr, &req)) {
             g_message("%s: bad request magic, dropping the connection", c->peer);
             break;

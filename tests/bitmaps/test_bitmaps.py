@@ -71,9 +71,10 @@ def read_sidecar(path):
     with open(path, "rb") as f:
         data = f.read()
     assert data[:8] == b"NBDFSBMP"
-    hflags, = struct.unpack_from("<I", data, 12)
+    version, hflags = struct.unpack_from("<II", data, 8)
+    assert version == 2, version
     count, = struct.unpack_from("<I", data, 36)
-    pos, out = 128, {}
+    pos, out = 160, {}                 # the version 2 header
     for _ in range(count):
         nlen, flags, gran, nbits, off, dlen = struct.unpack_from("<HBxIQQQ", data, pos)
         name = data[pos + 32:pos + 32 + nlen].decode()
