@@ -7,7 +7,7 @@ Usage (as root; scripts/bench.sh builds nbdfs and installs what is missing first
     /usr/bin/python3 tests/bench/bench.py [OPTIONS]
 
     --runs N          measured runs per subject (default 3); the table shows median and range
-    --only W1,W3,...  run only these workloads (W1 W1b W2 W3 W4 W5 W6 W7 W8 B1 B2)
+    --only W1,W3,...  run only these workloads (W1 W1b W2 W3 W4 W5 W6 W7 W8 B1 B2 S1 S2)
     --nbdfs PATH      the nbdfs binary (default: $NBDFS, else build/fuse/nbdfs, else PATH)
     --quick           smaller sizes and shorter runs: a smoke run, figures indicative only
     --workdir DIR     where images and mounts go (default /dev/shm, a tmpfs)
@@ -59,6 +59,14 @@ Workloads (sizes in --quick mode in brackets)
          with 3 enabled bitmaps; MiB/s
     B2   one block-status request for b0 over the 1 TiB export (libnbd block_status_filter,
          the single call timed, callback included); ms
+    S1   servers under slow readers: 20 clients queue 64 READs of 1 MiB each and take their
+         replies at ~1.25 MiB/s while another client does 4 KiB reads for 5 s [2 s]: its
+         worst and 99th-percentile latency (ms), and the server's VmHWM (MiB); nbdfs serve,
+         qemu-nbd (-e 32), nbdkit
+    S2   servers under block-status floods: 3 clients each send 64 BLOCK_STATUS requests over
+         a 512 MiB [128 MiB] image with 131,072 runs in base:allocation and in 8 bitmaps
+         (nbdfs serve; qemu-nbd of the same data in qcow2 with the same bitmaps; nbdkit,
+         base:allocation only) and read nothing; the server's VmHWM growth (MiB)
 
 Targets (PASS/MISS on the nbdfs rows; "x" = times the peer's median in the same run)
     W1   nbdfs >= 2x nbdfuse, or >= 0.85x nbdcopy if that is lower; nbdfs local >= qsd file
@@ -70,6 +78,7 @@ Targets (PASS/MISS on the nbdfs rows; "x" = times the peer's median in the same 
     W7   <= 0.5 s; bytes <= 1/10 of the unfiltered walk (worst run)
     W8   mount <= 64 MiB; serve <= 16 MiB + 2 MiB per bitmap per TiB
     B1   3 bitmaps >= 95% of none            B2   < 50 ms
+    S1   worst <= 100 ms; memory <= 320 MiB  S2   growth <= 256 MiB (--max-buffered)
 
 Bytes are checked: samples of what each mount read against the image (W1), of what each
 subject wrote (W4, a different source window per subject and run), the copy of W3, the
@@ -104,9 +113,10 @@ GiB = 1 << 30
 TiB = 1 << 40
 
 sys.path.insert(0, os.path.join(TOP, "tests", "lib"))
+import hostile  # noqa: E402
 import nbdfs_test  # noqa: E402
 
-ALL_WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "B1", "B2"]
+ALL_WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "B1", "B2", "S1", "S2"]
 
 
 def log(msg):
@@ -302,9 +312,9 @@ def new_path(name):
 QEMU_NBD_OPTS = ["-f", "raw", "-e", "16", "--persistent", "--cache=writeback"]
 
 
-def start_qemu_nbd(img, readonly=False):
+def start_qemu_nbd(img, readonly=False, opts=QEMU_NBD_OPTS):
     sock = new_path("qemu-nbd.sock")
-    p = REG.spawn(["qemu-nbd", *QEMU_NBD_OPTS, *(["-r"] if readonly else []), "-k", sock, img],
+    p = REG.spawn(["qemu-nbd", *opts, *(["-r"] if readonly else []), "-k", sock, img],
                   "qemu-nbd")
     wait_socket(p, sock, "qemu-nbd on " + sock)
     return Server("qemu-nbd", p, sock)
@@ -1470,6 +1480,119 @@ def b1(want):
 
 
 # ---------------------------------------------------------------------------------------
+# S1, S2: servers under hostile clients
+
+def server_peak_mib(srv):
+    return vm_hwm_kib(srv.proc.pid) / 1024
+
+
+def s1(want):
+    """Another client's 4 KiB reads beside 20 slow readers, and the servers' peak memory."""
+    n, data = 20, 64 * MiB
+    seconds = 2 if ARGS.quick else 5
+    img = copy_file(data_file(data), new_path("s1.img"))
+    wl = Workload("S1", "4 KiB reads beside 20 slow readers")
+    # Room for 21 clients on qemu-nbd (its -e caps connections).
+    makers = [("nbdfs serve", lambda: start_nbdfs_serve(img)),
+              ("qemu-nbd", lambda: start_qemu_nbd(img, opts=["-f", "raw", "-e", "32",
+                                                             "--persistent"])),
+              ("nbdkit", lambda: start_nbdkit(img))]
+
+    def one(name, maker, r):
+        srv = maker()
+        try:
+            slow = hostile.SlowReaders(srv.sock, n, data)
+            time.sleep(2)
+            try:
+                lat = hostile.read_latencies(srv.uri, seconds, data)
+                # Before the slow clients hang up: a server may not survive that.
+                peak = server_peak_mib(srv)
+            finally:
+                slow.stop()
+            wl.row(name, "MiB", "lower", sub="S1 memory").values.append(peak)
+            wl.row(name, "ms", "lower", sub="S1 p99").values.append(
+                lat[len(lat) * 99 // 100] * 1000)
+        finally:
+            srv.stop()
+        return lat[-1] * 1000
+    with contextlib.ExitStack() as st:
+        st.callback(lambda: os.path.exists(img) and os.unlink(img))
+        measure(wl, makers, "ms", one, better="lower", sub="S1 worst")
+    for sub in ("S1 worst", "S1 p99", "S1 memory"):
+        wl.ratios("qemu-nbd", sub=sub)
+    row = wl.get("nbdfs serve", "S1 worst")
+    if row is not None and row.values:
+        verdict(row, row.median <= 100, "<= 100 ms")
+    row = wl.get("nbdfs serve", "S1 memory")
+    if row is not None and row.values:
+        verdict(row, row.median <= 256 + 64, "<= 320 MiB (256 MiB --max-buffered + the rest)")
+    NOTES.append("S1: %d clients each queue 64 READs of 1 MiB and take replies at ~1.25 MiB/s; "
+                 "another client's 4 KiB reads for %d s (worst, p99); the server's VmHWM. "
+                 "qemu-nbd -e 32, nbdkit file." % (n, seconds))
+    return [wl]
+
+
+def s2(want):
+    """Servers' peak memory under 3 clients flooding block status over many extents."""
+    size, gran, nbm = (128 * MiB if ARGS.quick else 512 * MiB), 4096, 8
+    bitmaps = ["b%d" % i for i in range(nbm)]
+    raw = new_path("s2.img")
+    nbdfs_test.make_image(raw, size)
+    qcow = new_path("s2.qcow2")
+    wl = Workload("S2", "3 block-status floods")
+    with contextlib.ExitStack() as st:
+        st.callback(lambda: [os.unlink(p) for p in (raw, raw + ".bitmaps", qcow)
+                             if os.path.exists(p)])
+        for b in bitmaps:
+            run([ARGS.nbdfs, "bitmap", "add", "-g", str(gran), raw, b])
+        srv = start_nbdfs_serve(raw)
+        try:
+            hostile.write_every_other_block(srv.uri, size, gran)
+        finally:
+            srv.stop()
+        # The same runs in a qcow2 with the same bitmaps, for qemu-nbd.
+        run(["qemu-img", "create", "-q", "-f", "qcow2", qcow, str(size)])
+        for b in bitmaps:
+            run(["qemu-img", "bitmap", "--add", "-g", str(gran), qcow, b])
+        run(["qemu-img", "convert", "-n", "--target-is-zero", "-f", "raw", "-O", "qcow2",
+             raw, qcow], timeout=300)
+        all_ctx = ["base:allocation"] + ["qemu:dirty-bitmap:" + b for b in bitmaps]
+        qemu_opts = ["-f", "qcow2", "-e", "32", "--persistent"]
+        for b in bitmaps:
+            qemu_opts += ["-B", b]
+        ext, sr = hostile.rc.EXTENDED, hostile.rc.STRUCTURED
+        makers = [("nbdfs serve", (lambda: start_nbdfs_serve(raw), all_ctx, ext)),
+                  ("qemu-nbd", (lambda: start_qemu_nbd(qcow, opts=qemu_opts), all_ctx, ext)),
+                  ("nbdkit", (lambda: start_nbdkit(raw), ["base:allocation"], sr))]
+
+        def one(name, maker, r):
+            start, contexts, mode = maker
+            srv = start()
+            try:
+                base = hostile.rss_mib(srv.proc.pid)
+                floods = [hostile.block_status_flood(srv.sock, contexts, 64, size, mode)
+                          for _ in range(3)]
+                time.sleep(3)
+                peak = server_peak_mib(srv)
+                for c in floods:
+                    c.close()
+                return peak - base
+            finally:
+                srv.stop()
+        measure(wl, makers, "MiB", one, better="lower", sub="S2 growth")
+    wl.ratios("qemu-nbd", sub="S2 growth")
+    row = wl.get("nbdfs serve", "S2 growth")
+    if row is not None and row.values:
+        verdict(row, row.median <= 256, "<= 256 MiB (--max-buffered)")
+    NOTES.append("S2: a %d MiB image written every other 4 KiB (%d runs in base:allocation and "
+                 "in each of %d bitmaps of 4 KiB granularity); 3 clients select every context "
+                 "(nbdfs, qemu-nbd: 9, extended headers; nbdkit 1.32: base:allocation only, "
+                 "structured replies), send 64 BLOCK_STATUS requests over the whole image each "
+                 "and read nothing: the server's VmHWM growth." % (size // MiB, size // gran, nbm))
+    return [wl]
+
+
+# ---------------------------------------------------------------------------------------
 # Table
 
 def machine():
@@ -1619,7 +1742,7 @@ def main():
         log("nbdfs: %s; work directory %s" % (ARGS.nbdfs, WORK))
         build_seekwalk()
         steps = [("W1", w1), ("W1b", w1b), ("W2", w2), ("W3", w3), ("W4", w4), ("W5", w5),
-                 ("W6", w6), (None, w7_w8_b2), ("B1", b1)]
+                 ("W6", w6), (None, w7_w8_b2), ("B1", b1), ("S1", s1), ("S2", s2)]
         for name, fn in steps:
             if name is None:
                 if not any(w in want for w in ("W7", "W8", "B2")):
