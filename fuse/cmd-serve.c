@@ -21,6 +21,12 @@ typedef struct {
     char *pid_file;
     char *format;
     char *max_buffered;
+    char *tls;
+    char *tls_creds;
+    char *tls_psk;
+    char *tls_psk_user;
+    char *socket_mode;
+    gboolean tls_verify_peer;
     gboolean read_only;
     gboolean fork;
     gboolean verbose;
@@ -39,6 +45,11 @@ static void serve_options_clear(ServeOptions *o)
     g_free(o->pid_file);
     g_free(o->format);
     g_free(o->max_buffered);
+    g_free(o->tls);
+    g_free(o->tls_creds);
+    g_free(o->tls_psk);
+    g_free(o->tls_psk_user);
+    g_free(o->socket_mode);
     g_strfreev(o->images);
 }
 G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(ServeOptions, serve_options_clear)
@@ -65,6 +76,58 @@ static bool write_pid_file(const char *path, GError **error)
 {
     g_autofree char *text = g_strdup_printf("%d\n", (int)getpid());
     return g_file_set_contents(path, text, -1, error);
+}
+
+/* Is ADDRESS (for --bind) one only this host can reach? */
+static bool loopback_address(const char *address)
+{
+    return !address || strcmp(address, "localhost") == 0 || g_str_has_prefix(address, "127.") ||
+           strcmp(address, "::1") == 0;
+}
+
+/*
+ * --tls: "off", "on", "require"; by default require when credentials are
+ * given (as qemu-nbd does), else off.  TCP on an address others can reach is
+ * refused without TLS unless --tls=off says so: the safe default.
+ */
+static bool tls_mode(const ServeOptions *o, NbdsTlsMode *mode)
+{
+    bool creds = o->tls_creds || o->tls_psk;
+
+    if (!o->tls) {
+        *mode = creds ? NBDS_TLS_REQUIRE : NBDS_TLS_OFF;
+    } else if (strcmp(o->tls, "off") == 0) {
+        *mode = NBDS_TLS_OFF;
+    } else if (strcmp(o->tls, "on") == 0) {
+        *mode = NBDS_TLS_ON;
+    } else if (strcmp(o->tls, "require") == 0) {
+        *mode = NBDS_TLS_REQUIRE;
+    } else {
+        nbdfs_error("serve", "--tls: '%s' is not off, on or require", o->tls);
+        return false;
+    }
+    if (*mode != NBDS_TLS_OFF && !creds) {
+        nbdfs_error("serve", "--tls=%s needs credentials: --tls-creds DIR or --tls-psk FILE",
+                    o->tls);
+        return false;
+    }
+    if (*mode == NBDS_TLS_OFF && creds && o->tls) {
+        nbdfs_error("serve", "--tls=off with --tls-creds or --tls-psk: which one is meant?");
+        return false;
+    }
+    if ((o->tls_verify_peer && !o->tls_creds) || (o->tls_psk_user && !o->tls_psk)) {
+        nbdfs_error("serve", "%s", o->tls_verify_peer && !o->tls_creds
+                                   ? "--tls-verify-peer needs --tls-creds"
+                                   : "--tls-psk-user needs --tls-psk");
+        return false;
+    }
+    if (o->port && !loopback_address(o->bind) && *mode == NBDS_TLS_OFF && !o->tls) {
+        nbdfs_error("serve", "--bind %s: other hosts could read and write the images in "
+                    "clear; give TLS credentials (--tls-creds, --tls-psk), or --tls=off to "
+                    "serve them anyway", o->bind);
+        return false;
+    }
+    return true;
 }
 
 static bool validate(const ServeOptions *o, int n_activation)
@@ -126,6 +189,21 @@ int nbdfs_cmd_serve(int argc, char **argv)
         { "format", 0, 0, G_OPTION_ARG_STRING, &o.format,
           "The images' format: only 'raw', to serve an image that looks like another "
           "format as its bytes", "FMT" },
+        { "socket-mode", 0, 0, G_OPTION_ARG_STRING, &o.socket_mode,
+          "Permissions of the -U socket, in octal (default 0600: only its owner connects)",
+          "MODE" },
+        { "tls", 0, 0, G_OPTION_ARG_STRING, &o.tls,
+          "TLS: off, on (offered) or require (default: require with credentials, else off)",
+          "off|on|require" },
+        { "tls-creds", 0, 0, G_OPTION_ARG_FILENAME, &o.tls_creds,
+          "x509 credentials: DIR holds ca-cert.pem, server-cert.pem, server-key.pem "
+          "(and ca-crl.pem), as for qemu-nbd", "DIR" },
+        { "tls-verify-peer", 0, 0, G_OPTION_ARG_NONE, &o.tls_verify_peer,
+          "Require a client certificate signed by ca-cert.pem", NULL },
+        { "tls-psk", 0, 0, G_OPTION_ARG_FILENAME, &o.tls_psk,
+          "Pre-shared keys: FILE as psktool writes it (username:hexkey lines)", "FILE" },
+        { "tls-psk-user", 0, 0, G_OPTION_ARG_STRING, &o.tls_psk_user,
+          "Only this PSK user may connect", "NAME" },
         { "pid-file", 0, 0, G_OPTION_ARG_FILENAME, &o.pid_file,
           "Write the server's pid to FILE once it listens", "FILE" },
         { "fork", 0, 0, G_OPTION_ARG_NONE, &o.fork,
@@ -151,7 +229,8 @@ int nbdfs_cmd_serve(int argc, char **argv)
     g_autoptr(NbdsServer) server = NULL;
     g_autoptr(GError) error = NULL;
     int n_activation = activation_fd_count();
-    guint64 max_buffered = 0;
+    guint64 max_buffered = 0, mode = 0600;
+    NbdsTlsMode tls;
     int ready_fd = -1;
     int stop_fd = -1;
     sigset_t mask;
@@ -162,7 +241,13 @@ int nbdfs_cmd_serve(int argc, char **argv)
                              "is also the default export \"\".\nWith no -U or -p, and no "
                              "socket activation, listens on 127.0.0.1:10809.",
                              entries, &argc, &argv) ||
-        !validate(&o, n_activation) || !nbdfs_check_format("serve", o.format)) {
+        !validate(&o, n_activation) || !nbdfs_check_format("serve", o.format) ||
+        !tls_mode(&o, &tls)) {
+        return 1;
+    }
+    if (o.socket_mode && (!g_ascii_string_to_unsigned(o.socket_mode, 8, 0, 0777, &mode, NULL))) {
+        nbdfs_error("serve", "--socket-mode: '%s' is not an octal mode (0000-0777)",
+                    o.socket_mode);
         return 1;
     }
     if (o.max_buffered && (!nbdfs_parse_size(o.max_buffered, G_MAXUINT64, &max_buffered) ||
@@ -201,7 +286,16 @@ int nbdfs_cmd_serve(int argc, char **argv)
         .threads = o.threads,
         .any_format = o.format != NULL,
         .max_buffered = max_buffered,
-    });
+        .tls = tls,
+        .tls_creds = o.tls_creds,
+        .tls_psk = o.tls_psk,
+        .tls_verify_peer = o.tls_verify_peer,
+        .tls_psk_user = o.tls_psk_user,
+    }, &error);
+    if (!server) {
+        nbdfs_error("serve", "%s", error->message);
+        return 1;
+    }
     for (char **img = o.images; *img; img++) {
         if (!nbds_server_add_export(server, *img, &error)) {
             nbdfs_error("serve", "%s", error->message);
@@ -214,7 +308,7 @@ int nbdfs_cmd_serve(int argc, char **argv)
             return 1;
         }
     }
-    if (o.socket && !nbds_server_listen_unix(server, o.socket, &error)) {
+    if (o.socket && !nbds_server_listen_unix(server, o.socket, mode, &error)) {
         nbdfs_error("serve", "--socket: %s", error->message);
         return 1;
     }

@@ -104,7 +104,10 @@ NbdfsSource *nbdfs_source_open(const char *spec, bool read_only, const char *for
     src->server = nbds_server_new(&(NbdsServerConfig){
         .read_only = read_only,
         .any_format = format != NULL,
-    });
+    }, error);
+    if (!src->server) {
+        return NULL;
+    }
     if (!nbds_server_add_export(src->server, src->image, error)) {
         return NULL;
     }
@@ -295,9 +298,13 @@ bool nbdfs_option_wait(struct nbd_handle *h, int r, NbdfsOption *opt, const char
         return false;
     }
     if (opt->error) {
+        /* libnbd said why as it read the server's refusal, in this thread ("requires TLS"). */
+        const char *msg = nbd_get_error();
+        const char *colon = msg ? strstr(msg, ": ") : NULL;
         g_set_error(error, G_IO_ERROR, g_io_error_from_errno(opt->error), "%s: %s", what,
-                    opt->error == ENOENT ? "no such export on the server"
-                                         : g_strerror(opt->error));
+                    opt->error == ENOENT ? "no such export on the server" :
+                    colon && g_str_has_prefix(msg, "nbd_") ? colon + 2 :
+                    g_strerror(opt->error));
         return false;
     }
     return true;

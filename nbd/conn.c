@@ -47,6 +47,7 @@ void nbds_conn_free(NbdsConn *c)
     if (!c) {
         return;
     }
+    nbds_tls_end(c);
     if (c->fd >= 0) {
         close(c->fd);
     }
@@ -87,10 +88,11 @@ bool nbds_conn_read(NbdsConn *c, void *buf, size_t len)
 
     while (len > 0) {
         ssize_t r;
-        if (!wait_ready(c, POLLIN)) {
+        /* Bytes GnuTLS has decrypted already do not show on the socket. */
+        if (!(c->tls && nbds_tls_pending(c)) && !wait_ready(c, POLLIN)) {
             return false;
         }
-        r = recv(c->fd, p, len, 0);
+        r = c->tls ? nbds_tls_recv(c, p, len) : recv(c->fd, p, len, 0);
         if (r < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 continue;
@@ -139,7 +141,8 @@ bool nbds_conn_writev(NbdsConn *c, struct iovec *iov, int iovcnt)
         if (!wait_ready(c, POLLOUT)) {
             return false;
         }
-        r = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
+        r = c->tls ? nbds_tls_send(c, iov->iov_base, iov->iov_len)
+                   : sendmsg(c->fd, &msg, MSG_NOSIGNAL);
         if (r < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 continue;

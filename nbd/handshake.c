@@ -226,6 +226,34 @@ static bool handle_export_name(NbdsConn *c, uint32_t len)
            (c->no_zeroes || nbds_conn_write(c, zeroes, sizeof(zeroes)));
 }
 
+/*
+ * NBD_OPT_STARTTLS: the ACK in the clear, the TLS handshake on the same
+ * socket, then negotiation from the start (nothing negotiated before
+ * counts).  A failed handshake ends the connection.
+ */
+static int handle_starttls(NbdsConn *c, uint32_t len)
+{
+    if (len) {
+        return nbds_opt_error(c, NBDS_OPT_STARTTLS, NBDS_REP_ERR_INVALID,
+                              "NBD_OPT_STARTTLS takes no data") ? 0 : -1;
+    }
+    if (c->server->config.tls == NBDS_TLS_OFF) {
+        return nbds_opt_error(c, NBDS_OPT_STARTTLS, NBDS_REP_ERR_POLICY,
+                              "TLS is not enabled on this server") ? 0 : -1;
+    }
+    if (c->tls) {
+        return nbds_opt_error(c, NBDS_OPT_STARTTLS, NBDS_REP_ERR_INVALID,
+                              "TLS is already negotiated") ? 0 : -1;
+    }
+    if (!nbds_opt_reply(c, NBDS_OPT_STARTTLS, NBDS_REP_ACK, NULL, 0) || !nbds_tls_start(c)) {
+        return -1;
+    }
+    c->mode = NBDS_MODE_SIMPLE;
+    c->structured = false;
+    nbds_meta_clear(c);
+    return 0;
+}
+
 /* An option without data that only switches a mode on. */
 static bool handle_mode_option(NbdsConn *c, uint32_t option, uint32_t len)
 {
@@ -282,12 +310,7 @@ static int handle_option(NbdsConn *c, uint32_t option, uint32_t len)
     case NBDS_OPT_LIST:
         return handle_list(c, len) ? 0 : -1;
     case NBDS_OPT_STARTTLS:
-        if (len) {
-            return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID,
-                                  "NBD_OPT_STARTTLS takes no data") ? 0 : -1;
-        }
-        return nbds_opt_error(c, option, NBDS_REP_ERR_POLICY,
-                              "TLS is not supported by this server") ? 0 : -1;
+        return handle_starttls(c, len);
     case NBDS_OPT_INFO:
     case NBDS_OPT_GO:
         return handle_info_go(c, option, data, len);
@@ -321,9 +344,10 @@ static bool known_option(uint32_t option)
 }
 
 /*
- * Answer an option without acting on it: unknown options (ERR_UNSUP), and
- * every option of a client that is over the connection cap (ERR_POLICY) or
- * arrives while the server shuts down (ERR_SHUTDOWN).
+ * Answer an option without acting on it: unknown options (ERR_UNSUP), every
+ * option of a client that is over the connection cap (ERR_POLICY) or arrives
+ * while the server shuts down (ERR_SHUTDOWN), and options before TLS on a
+ * server that requires it (ERR_TLS_REQD).
  */
 static bool refuse_option(NbdsConn *c, uint32_t option, uint32_t len, uint32_t reply)
 {
@@ -339,6 +363,8 @@ static bool refuse_option(NbdsConn *c, uint32_t option, uint32_t len, uint32_t r
         return nbds_opt_error(c, option, reply, "option %u is not supported", option);
     case NBDS_REP_ERR_SHUTDOWN:
         return nbds_opt_error(c, option, reply, "server is shutting down");
+    case NBDS_REP_ERR_TLS_REQD:
+        return nbds_opt_error(c, option, reply, "this server requires TLS (NBD_OPT_STARTTLS)");
     default:
         return nbds_opt_error(c, option, reply,
                               "server has reached its limit of %u connections",
@@ -385,7 +411,20 @@ bool nbds_handshake(NbdsConn *c)
             return false;
         }
         if (option == NBDS_OPT_EXPORT_NAME) {
+            if (c->server->config.tls == NBDS_TLS_REQUIRE && !c->tls) {
+                /* It cannot be refused with a reply: the protocol says close. */
+                g_message("%s: NBD_OPT_EXPORT_NAME before TLS, dropping", c->peer);
+                return false;
+            }
             return handle_export_name(c, len);
+        }
+        if (c->server->config.tls == NBDS_TLS_REQUIRE && !c->tls &&
+            option != NBDS_OPT_STARTTLS && option != NBDS_OPT_ABORT) {
+            /* Nothing is served before TLS: not the export list, not an export's size. */
+            if (!refuse_option(c, option, len, NBDS_REP_ERR_TLS_REQD)) {
+                return false;
+            }
+            continue;
         }
         if (c->refuse || g_atomic_int_get(&c->server->shutting_down) || !known_option(option)) {
             uint32_t reply = !known_option(option) ? NBDS_REP_ERR_UNSUP :

@@ -29,6 +29,23 @@
 
 typedef struct NbdsConn NbdsConn;
 
+/* ---- tls.c ---- */
+
+typedef struct NbdsTls NbdsTls;
+
+/* Credentials from CREDS_DIR (x509, qemu's layout) and/or PSK_FILE; errors name the file. */
+NbdsTls *nbds_tls_new(const char *creds_dir, const char *psk_file, bool verify_peer,
+                      const char *psk_user, GError **error);
+void nbds_tls_free(NbdsTls *t);
+/* The TLS handshake on C's socket, within C's deadline; false (logged) if it failed. */
+bool nbds_tls_start(NbdsConn *c);
+void nbds_tls_end(NbdsConn *c);
+/* The record layer (blocking; -1 with errno on failure, 0 at the end). */
+ssize_t nbds_tls_recv(NbdsConn *c, void *buf, size_t len);
+ssize_t nbds_tls_send(NbdsConn *c, const void *buf, size_t len);
+/* Decrypted bytes wait inside GnuTLS (a poll on the socket would not see them). */
+bool nbds_tls_pending(NbdsConn *c);
+
 /* ---- budget.c ---- */
 
 /* Bytes held for clients, server-wide (see budget.c). */
@@ -106,6 +123,7 @@ struct NbdsServer {
     gint shutting_down;            /* atomic: read by connections without the lock */
 
     NbdsBudget budget;             /* bytes held for all clients */
+    NbdsTls *tls;                  /* credentials, when TLS is offered */
 };
 
 /* The export NAME, or NULL.  "" is the default export. */
@@ -120,6 +138,7 @@ struct NbdsConn {
     char *peer;                    /* for log messages */
     gint64 deadline;               /* monotonic us; 0 = none (handshake limit) */
     bool refuse;                   /* over the connection cap: answer options with POLICY */
+    gpointer tls;                  /* the gnutls session once STARTTLS succeeded */
 
     /* Negotiated state. */
     bool no_zeroes;

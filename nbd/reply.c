@@ -151,8 +151,11 @@ bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
         g_mutex_unlock(&c->send_lock);
         return false;
     }
-    /* With nothing queued the socket is ours: only the writer sends queued replies. */
-    direct = g_queue_is_empty(&c->out_queue);
+    /*
+     * With nothing queued the socket is ours: only the writer sends queued
+     * replies.  A TLS session is only ever written by the writer.
+     */
+    direct = g_queue_is_empty(&c->out_queue) && !c->tls;
     g_mutex_unlock(&c->lock);
 
     if (direct && !send_now(c, &iov, &iovcnt)) {

@@ -37,11 +37,23 @@ static void export_free(NbdsExport *exp)
     g_free(exp);
 }
 
-NbdsServer *nbds_server_new(const NbdsServerConfig *config)
+NbdsServer *nbds_server_new(const NbdsServerConfig *config, GError **error)
 {
-    NbdsServer *s = g_new0(NbdsServer, 1);
+    NbdsServer *s;
+    NbdsTls *tls = NULL;
 
+    if (config->tls != NBDS_TLS_OFF) {
+        tls = nbds_tls_new(config->tls_creds, config->tls_psk, config->tls_verify_peer,
+                           config->tls_psk_user, error);
+        if (!tls) {
+            return NULL;
+        }
+    }
+    s = g_new0(NbdsServer, 1);
     s->config = *config;
+    s->tls = tls;
+    /* The paths are read once, above: the config need not outlive this call. */
+    s->config.tls_creds = s->config.tls_psk = s->config.tls_psk_user = NULL;
     if (!s->config.threads) {
         s->config.threads = 16;
     }
@@ -71,6 +83,7 @@ void nbds_server_free(NbdsServer *s)
     g_mutex_clear(&s->lock);
     g_cond_clear(&s->cond);
     nbds_budget_clear(&s->budget);
+    nbds_tls_free(s->tls);
     g_free(s);
 }
 
@@ -169,8 +182,10 @@ bool nbds_server_listen_fd(NbdsServer *s, int fd, GError **error)
     return true;
 }
 
-bool nbds_server_listen_unix(NbdsServer *s, const char *path, GError **error)
+bool nbds_server_listen_unix(NbdsServer *s, const char *path, unsigned mode, GError **error)
 {
+    mode_t old_umask;
+    int err;
     struct sockaddr_un sun = { .sun_family = AF_UNIX };
     struct stat st;
     int fd;
@@ -201,9 +216,19 @@ bool nbds_server_listen_unix(NbdsServer *s, const char *path, GError **error)
         unlink(path);
     }
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0 ||
-        listen(fd, SOMAXCONN) < 0) {
-        int err = errno;
+    /* Born owner-only (no window where others may connect), then given MODE. */
+    old_umask = umask(0177);
+    err = fd < 0 || bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0 ? errno : 0;
+    umask(old_umask);
+    if (!err && chmod(path, mode) < 0) {
+        err = errno;
+        unlink(path);
+    }
+    if (!err && listen(fd, SOMAXCONN) < 0) {
+        err = errno;
+        unlink(path);
+    }
+    if (err) {
         if (fd >= 0) {
             close(fd);
         }

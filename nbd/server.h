@@ -15,6 +15,12 @@
 typedef struct NbdsServer NbdsServer;
 typedef struct NbdsExport NbdsExport;
 
+typedef enum {
+    NBDS_TLS_OFF,                  /* STARTTLS refused */
+    NBDS_TLS_ON,                   /* offered; plain clients served too */
+    NBDS_TLS_REQUIRE,              /* nothing but STARTTLS and ABORT before TLS */
+} NbdsTlsMode;
+
 typedef struct {
     bool read_only;                /* every export read-only */
     unsigned max_connections;      /* past it new clients are refused politely; 0 = no cap */
@@ -23,6 +29,11 @@ typedef struct {
     unsigned threads;              /* worker threads; 0 = a default */
     bool any_format;               /* serve images whose magic says qcow2, vmdk... as raw */
     uint64_t max_buffered;         /* bytes held for all clients at most; 0 = the default */
+    NbdsTlsMode tls;
+    const char *tls_creds;         /* x509 directory: ca-cert.pem, server-cert.pem, ... */
+    const char *tls_psk;           /* psktool's file */
+    bool tls_verify_peer;          /* x509: client certificates signed by the CA required */
+    const char *tls_psk_user;      /* PSK: only this user may connect */
 } NbdsServerConfig;
 
 #define NBDS_DEFAULT_MAX_CONNECTIONS 128
@@ -33,7 +44,8 @@ typedef struct {
 /* Time limits (seconds) the server accepts: a day; more is surely a mistake. */
 #define NBDS_MAX_TIME_LIMIT 86400
 
-NbdsServer *nbds_server_new(const NbdsServerConfig *config);
+/* A server; NULL (ERROR set) if its TLS credentials cannot be loaded. */
+NbdsServer *nbds_server_new(const NbdsServerConfig *config, GError **error);
 
 /*
  * Serve the raw image at PATH under its base name; the first export added is
@@ -44,7 +56,9 @@ NbdsServer *nbds_server_new(const NbdsServerConfig *config);
 NbdsExport *nbds_server_add_export(NbdsServer *server, const char *path, GError **error);
 
 /* Listening sockets: a unix socket, TCP, or an already listening fd (socket activation). */
-bool nbds_server_listen_unix(NbdsServer *server, const char *path, GError **error);
+/* A unix socket at PATH with permissions MODE (it is created owner-only first). */
+bool nbds_server_listen_unix(NbdsServer *server, const char *path, unsigned mode,
+                             GError **error);
 bool nbds_server_listen_tcp(NbdsServer *server, const char *address, const char *port,
                             GError **error);
 bool nbds_server_listen_fd(NbdsServer *server, int fd, GError **error);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything nbdfs needs to build and test on Debian 12 (or newer), as root.
 # Idempotent: on a system that already has what is needed it installs nothing.
-#   - build: meson, ninja, pkg-config, gcc, libfuse3, GLib 2
+#   - build: meson, ninja, pkg-config, gcc, libfuse3, GLib 2, GnuTLS (and its certtool and
+#     psktool, which the TLS tests use to make their certificates and keys)
 #   - libnbd >= 1.18 (with nbdinfo, nbdcopy, nbdsh, nbdfuse): Debian's package when new
 #     enough, otherwise built from Debian 13's source package into /usr/local
 #   - test peers: qemu-utils 10 (bookworm-backports on Debian 12), nbdkit, nbd-server
@@ -64,8 +65,8 @@ SRC
 }
 
 build_pkgs=(build-essential meson ninja-build pkg-config libfuse3-dev fuse3 libglib2.0-dev
-            libxml2-dev libgnutls28-dev jq python3 python3-dev util-linux coreutils rsync tar
-            clang libclang-rt-14-dev valgrind fio)
+            libxml2-dev libgnutls28-dev gnutls-bin jq python3 python3-dev util-linux coreutils
+            rsync tar iproute2 e2fsprogs clang libclang-rt-14-dev valgrind fio)
 test_peers=(nbdkit nbd-server)
 qemu_pkgs=(qemu-utils qemu-system-common qemu-block-extra)
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up on Debian 12 (as root) and runs the whole nbdfs test suite:
 #   1. gcc build (build/): every suite, then the server's protocol and interop
-#      suites and the mount suites again with every 'nbdfs serve' and
-#      'nbdfs mount' under valgrind memcheck
+#      suites and the mount suites (but the stress test) again with every
+#      'nbdfs serve' and 'nbdfs mount' under valgrind memcheck
 #   2. clang build with AddressSanitizer + UBSan and the libFuzzer targets
 #      (build-asan/): every suite again, plus short fuzzing runs
 # Options:
@@ -60,7 +60,7 @@ for step in $steps; do
   if [ "$step" = plain ] && [ $# -eq 0 ]; then
     echo "== valgrind: protocol, interop and fuse suites"
     meson test -C "$dir" --setup valgrind --suite protocol --suite interop --suite fuse \
-      --print-errorlogs --num-processes 2 || status=1
+      --no-suite stress --print-errorlogs --num-processes 2 || status=1
     logs+=("$dir/meson-logs/testlog-valgrind.json")
   fi
 done

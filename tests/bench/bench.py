@@ -43,7 +43,8 @@ Workloads (sizes in --quick mode in brackets)
          extents, 4 KiB of data every 64 KiB; seconds (nbdfuse has no lseek: n/a)
     W6   server throughput, unix sockets: `nbdcopy URI null:` and `nbdcopy --flush FILE URI`
          (2 GiB [512 MiB]) against nbdfs serve, qemu-nbd (options above), `nbdkit -U SOCK
-         file IMAGE` and nbd-server (config with unixsock); MiB/s
+         file IMAGE` and nbd-server (config with unixsock); MiB/s.  "W6 tls": the same over
+         TLS (x509, certificates made with certtool) against nbdfs serve, qemu-nbd, nbdkit
     W7   reading dirty/b0.map of a 1 TiB image whose base:allocation has 200,000 [20,000]
          extents and bitmap b0 10,000 [1,000] dirty runs (written through `nbdfs serve` after
          `nbdfs bitmap add`), fresh mount for every run: seconds (direct mount), and bytes the
@@ -115,6 +116,7 @@ TiB = 1 << 40
 sys.path.insert(0, os.path.join(TOP, "tests", "lib"))
 import hostile  # noqa: E402
 import nbdfs_test  # noqa: E402
+from pki import Pki  # noqa: E402
 
 ALL_WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "B1", "B2", "S1", "S2"]
 
@@ -278,11 +280,15 @@ def drop_caches():
 # Servers and mounts
 
 class Server:
-    def __init__(self, kind, proc, sock, export=""):
+    def __init__(self, kind, proc, sock, export="", tls_client=None):
         self.kind, self.proc, self.sock, self.export = kind, proc, sock, export
+        self.tls_client = tls_client     # a client's certificate directory: nbds://
 
     @property
     def uri(self):
+        if self.tls_client:
+            return "nbds+unix:///%s?socket=%s&tls-certificates=%s" % (
+                self.export, self.sock, self.tls_client)
         return "nbd+unix:///%s?socket=%s" % (self.export, self.sock)
 
     def stop(self):
@@ -312,26 +318,31 @@ def new_path(name):
 QEMU_NBD_OPTS = ["-f", "raw", "-e", "16", "--persistent", "--cache=writeback"]
 
 
-def start_qemu_nbd(img, readonly=False, opts=QEMU_NBD_OPTS):
+def start_qemu_nbd(img, readonly=False, opts=QEMU_NBD_OPTS, pki=None):
+    """qemu-nbd; with PKI (a pki.Pki), TLS with its server certificate."""
     sock = new_path("qemu-nbd.sock")
-    p = REG.spawn(["qemu-nbd", *opts, *(["-r"] if readonly else []), "-k", sock, img],
+    tls = ["--object", "tls-creds-x509,id=tls0,endpoint=server,dir=" + pki.path("server"),
+           "--tls-creds", "tls0"] if pki else []
+    p = REG.spawn(["qemu-nbd", *opts, *tls, *(["-r"] if readonly else []), "-k", sock, img],
                   "qemu-nbd")
     wait_socket(p, sock, "qemu-nbd on " + sock)
-    return Server("qemu-nbd", p, sock)
+    return Server("qemu-nbd", p, sock, tls_client=pki and pki.path("client"))
 
 
-def start_nbdfs_serve(img, *opts):
+def start_nbdfs_serve(img, *opts, pki=None):
     sock = new_path("nbdfs.sock")
-    p = REG.spawn([ARGS.nbdfs, "serve", *opts, "-U", sock, img], "nbdfs-serve")
+    tls = ["--tls-creds", pki.path("server")] if pki else []
+    p = REG.spawn([ARGS.nbdfs, "serve", *opts, *tls, "-U", sock, img], "nbdfs-serve")
     wait_socket(p, sock, "nbdfs serve on " + sock)
-    return Server("nbdfs serve", p, sock)
+    return Server("nbdfs serve", p, sock, tls_client=pki and pki.path("client"))
 
 
-def start_nbdkit(img):
+def start_nbdkit(img, pki=None):
     sock = new_path("nbdkit.sock")
-    p = REG.spawn(["nbdkit", "-f", "-U", sock, "file", img], "nbdkit")
+    tls = ["--tls=require", "--tls-certificates=" + pki.path("server")] if pki else []
+    p = REG.spawn(["nbdkit", "-f", *tls, "-U", sock, "file", img], "nbdkit")
     wait_socket(p, sock, "nbdkit on " + sock)
-    return Server("nbdkit", p, sock)
+    return Server("nbdkit", p, sock, tls_client=pki and pki.path("client"))
 
 
 class PidProc:
@@ -1132,47 +1143,60 @@ def w6(want):
     img = copy_file(src, new_path("w6-export.img"))
     wl = Workload("W6", "server throughput (nbdcopy)")
     unit = "MiB/s"
+    pki = Pki(new_path("w6-pki"))
+    variants = [("", None, [("nbdfs serve", lambda: start_nbdfs_serve(img)),
+                            ("qemu-nbd", lambda: start_qemu_nbd(img)),
+                            ("nbdkit", lambda: start_nbdkit(img)),
+                            ("nbd-server", lambda: start_nbd_server(img))]),
+                # The same certificates for every server, x509, TLS required.
+                (" tls", pki, [("nbdfs serve", lambda: start_nbdfs_serve(img, pki=pki)),
+                               ("qemu-nbd", lambda: start_qemu_nbd(img, pki=pki)),
+                               ("nbdkit", lambda: start_nbdkit(img, pki=pki))])]
+    conns = []
     with contextlib.ExitStack() as st:
         st.callback(lambda: os.path.exists(img) and os.unlink(img))
-        servers = []
-        for name, fn in [("nbdfs serve", lambda: start_nbdfs_serve(img)),
-                         ("qemu-nbd", lambda: start_qemu_nbd(img)),
-                         ("nbdkit", lambda: start_nbdkit(img)),
-                         ("nbd-server", lambda: start_nbd_server(img))]:
-            try:
-                s = fn()
-                st.callback(s.stop)
-                servers.append((name, s))
-            except Exception as e:
-                wl.fail(name, unit, e, sub="W6 read")
-        conns = []
-        for name, s in servers:
-            with contextlib.suppress(Exception):
-                j = json.loads(run(["nbdinfo", "--json", s.uri], timeout=30).stdout)
-                mc = j["exports"][0].get("can_multi_conn")
-                conns.append("%s %s" % (name, "multi-conn" if mc else "1 connection"))
+        for tag, _, makers in variants:
+            rd_label, wr_label = "W6%s read" % tag, "W6%s write" % tag
+            servers = []
+            for name, fn in makers:
+                try:
+                    s = fn()
+                    st.callback(s.stop)
+                    servers.append((name, s))
+                except Exception as e:
+                    wl.fail(name, unit, e, sub=rd_label)
+            for name, s in servers:
+                with contextlib.suppress(Exception):
+                    j = json.loads(run(["nbdinfo", "--json", s.uri], timeout=30).stdout)
+                    mc = j["exports"][0].get("can_multi_conn")
+                    conns.append("%s%s %s" % (name, tag, "multi-conn" if mc else "1 connection"))
 
-        def rd(name, s, r):
-            return nbdcopy_read(s.uri, size)
+            def rd(name, s, r):
+                return nbdcopy_read(s.uri, size)
 
-        def wr(name, s, r):
-            t, _ = timed(["nbdcopy", "--flush", src, s.uri], timeout=600)
-            return size / MiB / t
-        measure(wl, servers, unit, rd, sub="W6 read")
-        measure(wl, servers, unit, wr, sub="W6 write")
-        # The last write left the source's bytes in the image.
-        for name, s in servers[:1]:
-            sample_check("W6 image after writes", img, src, size)
-    for lab in ("W6 read", "W6 write"):
-        peers = [(wl.med(p, lab), p) for p in ("qemu-nbd", "nbdkit", "nbd-server")]
-        peers = [(v, p) for v, p in peers if v]
-        if peers:
-            best, bp = max(peers)
-            wl.ratios(bp, sub=lab)
-            row = wl.get("nbdfs serve", lab)
-            if row is not None and row.values:
-                verdict(row, row.median >= best, ">= %s MiB/s (best peer, %s)" % (fmt(best), bp))
-    NOTES.append("W6: %d MiB; nbdcopy defaults (%s); writes with --flush." % (size // MiB, ", ".join(conns)))
+            def wr(name, s, r):
+                t, _ = timed(["nbdcopy", "--flush", src, s.uri], timeout=600)
+                return size / MiB / t
+            measure(wl, servers, unit, rd, sub=rd_label)
+            measure(wl, servers, unit, wr, sub=wr_label)
+            # The last write left the source's bytes in the image.
+            for name, s in servers[:1]:
+                sample_check("W6%s image after writes" % tag, img, src, size)
+            for lab in (rd_label, wr_label):
+                peers = [(wl.med(p, lab), p) for p in ("qemu-nbd", "nbdkit", "nbd-server")]
+                peers = [(v, p) for v, p in peers if v]
+                if peers:
+                    best, bp = max(peers)
+                    wl.ratios(bp, sub=lab)
+                    row = wl.get("nbdfs serve", lab)
+                    if row is not None and row.values:
+                        verdict(row, row.median >= best,
+                                ">= %s MiB/s (best peer, %s)" % (fmt(best), bp))
+            for _, s in servers:
+                s.stop()
+    NOTES.append("W6: %d MiB; nbdcopy defaults (%s); writes with --flush. W6 tls: x509, TLS "
+                 "required, the same certificates for every server (nbd-server left out)."
+                 % (size // MiB, ", ".join(conns)))
     return [wl]
 
 

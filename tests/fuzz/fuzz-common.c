@@ -13,6 +13,12 @@
 #include "server.h"
 
 static NbdsServer *server;
+static bool require_tls;
+
+void fuzz_require_tls(void)
+{
+    require_tls = true;
+}
 
 static void quiet_log(const char *domain, GLogLevelFlags level, const char *message,
                       gpointer data)
@@ -52,11 +58,30 @@ static void setup(void)
     nbds_bitmaps_free(set);
     nbds_image_close(img);
 
-    server = nbds_server_new(&(NbdsServerConfig){
-        .max_connections = 4,
-        .handshake_limit = 5,
-        .threads = 4,
-    });
+    if (require_tls) {
+        /* A PSK made now (no key is kept anywhere), read once by the server. */
+        char psk[] = "/tmp/nbdfs-fuzz-psk-XXXXXX";
+        int pfd = mkstemp(psk);
+        g_autofree char *line = g_strdup_printf("fuzz:%08x%08x%08x%08x\n", g_random_int(),
+                                                g_random_int(), g_random_int(), g_random_int());
+        g_assert(pfd >= 0 && write(pfd, line, strlen(line)) == (ssize_t)strlen(line));
+        close(pfd);
+        server = nbds_server_new(&(NbdsServerConfig){
+            .max_connections = 4,
+            .handshake_limit = 5,
+            .threads = 4,
+            .tls = NBDS_TLS_REQUIRE,
+            .tls_psk = psk,
+        }, &error);
+        unlink(psk);
+    } else {
+        server = nbds_server_new(&(NbdsServerConfig){
+            .max_connections = 4,
+            .handshake_limit = 5,
+            .threads = 4,
+        }, &error);
+    }
+    g_assert_no_error(error);
     g_assert(nbds_server_add_export(server, path, &error));
     g_assert_no_error(error);
     atexit(teardown);

@@ -10,6 +10,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Before the first play: the server requires TLS (PSK), as 'nbdfs serve --tls=require'. */
+void fuzz_require_tls(void);
+
 /* Send PREFIX then DATA as one client's byte stream; returns once the server hung up. */
 void fuzz_play(const uint8_t *prefix, size_t prefix_len, const uint8_t *data, size_t len);
 
