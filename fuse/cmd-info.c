@@ -296,13 +296,13 @@ static void end_negotiation(struct nbd_handle *h)
 }
 
 /* Connect to SPEC: a local image is opened read-write if it can be, else read-only. */
-static NbdfsSource *open_source(const char *spec, GError **error)
+static NbdfsSource *open_source(const char *spec, char **command, GError **error)
 {
-    NbdfsSource *src = nbdfs_source_open(spec, false, NULL, error);
+    NbdfsSource *src = nbdfs_source_open(spec, command, false, NULL, error);
 
     if (!src && g_error_matches(*error, G_IO_ERROR, G_IO_ERROR_PERMISSION_DENIED)) {
         g_clear_error(error);
-        src = nbdfs_source_open(spec, true, NULL, error);
+        src = nbdfs_source_open(spec, command, true, NULL, error);
     }
     return src;
 }
@@ -322,25 +322,28 @@ int nbdfs_cmd_info(int argc, char **argv)
         (GDestroyNotify)export_entry_free);
     g_autoptr(GPtrArray) exports = g_ptr_array_new_with_free_func(
         (GDestroyNotify)export_info_free);
+    g_auto(GStrv) command = NULL;
     struct nbd_handle *h = NULL;
     const char *spec;
     int status = 1;
 
-    if (!nbdfs_parse_options("info", "SOURCE",
+    if (!nbdfs_split_command("info", &argc, argv, &command) ||
+        !nbdfs_parse_options("info", "SOURCE | [ CMD ARGS... ]",
                              "Show the exports of the NBD server SOURCE (an NBD URI, or a local "
-                             "raw image): size,\ntransmission flags, header mode, block sizes "
+                             "image), or of the server\nCMD started for it by socket "
+                             "activation: size, transmission flags, header mode,\nblock sizes "
                              "and metadata contexts.",
                              entries, &argc, &argv)) {
         return 1;
     }
-    if (!args || g_strv_length(args) != 1) {
-        nbdfs_error("info", "expected one SOURCE (see 'nbdfs info --help')");
+    if ((!args || g_strv_length(args) != 1) && !(command && !args)) {
+        nbdfs_error("info", "expected one SOURCE, or [ CMD ARGS... ] (see 'nbdfs info --help')");
         g_strfreev(args);
         return 1;
     }
-    spec = args[0];
+    spec = command ? command[0] : args[0];
     signal(SIGPIPE, SIG_IGN);
-    src = open_source(spec, &error);
+    src = open_source(spec, command, &error);
     if (!src) {
         nbdfs_error("info", "%s", error->message);
         goto out;

@@ -45,7 +45,8 @@ typedef struct {
     char *name;
     char **fuse_options;
     char **args;
-    char *source;                  /* args[0] */
+    char **command;                /* [ CMD ARGS... ]: a server started for the mount */
+    char *source;                  /* args[0], or the command's name */
     char *mountpoint;              /* absolute */
 } MountOptions;
 
@@ -55,6 +56,7 @@ static void mount_options_clear(MountOptions *o)
     g_free(o->format);
     g_strfreev(o->fuse_options);
     g_strfreev(o->args);
+    g_strfreev(o->command);
     g_free(o->mountpoint);
 }
 G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(MountOptions, mount_options_clear)
@@ -145,8 +147,9 @@ static void tune_readahead(const char *device)
 static char *fuse_default_options(const MountOptions *o, const NbdfsMount *m)
 {
     GString *s = g_string_new("fsname=");
+    g_autofree char *source = o->command ? g_strjoinv(" ", o->command) : g_strdup(o->source);
 
-    for (const char *p = o->source; *p; p++) {
+    for (const char *p = source; *p; p++) {
         if (*p == ',' || *p == '\\') {
             g_string_append_c(s, '\\');
         }
@@ -159,10 +162,30 @@ static char *fuse_default_options(const MountOptions *o, const NbdfsMount *m)
     return g_string_free(s, FALSE);
 }
 
+/*
+ * The virtual disk of an image of another format is raw bytes: "vm.qcow2"
+ * shows as "vm.raw", so nothing takes it for the container.
+ */
+static char *raw_name(const char *image, const char *format)
+{
+    g_autofree char *base = g_path_get_basename(image);
+    const char *ext = strcmp(format, "vpc") == 0 ? ".vhd" : NULL;
+    g_autofree char *fmt_ext = g_strconcat(".", format, NULL);
+    char *dot = strrchr(base, '.');
+
+    if (dot && dot != base && (strcmp(dot, fmt_ext) == 0 || (ext && strcmp(dot, ext) == 0))) {
+        *dot = '\0';
+    }
+    return g_strconcat(base, ".raw", NULL);
+}
+
 static char *choose_file_name(const MountOptions *o, const NbdfsMount *m)
 {
     if (o->name) {
         return g_strdup(o->name);
+    }
+    if (m->source->image && m->source->spawned) {
+        return raw_name(m->source->image, m->source->format);
     }
     if (m->source->image) {
         return g_path_get_basename(m->source->image);
@@ -257,7 +280,7 @@ static int run_mount(const MountOptions *o, int ready_fd)
     sigaddset(&stop_signals, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
 
-    m->source = nbdfs_source_open(o->source, o->read_only, o->format, &error);
+    m->source = nbdfs_source_open(o->source, o->command, o->read_only, o->format, &error);
     if (!m->source) {
         nbdfs_error("mount", "%s", error->message);
         goto out;
@@ -341,14 +364,28 @@ out:
 
 static bool validate(MountOptions *o)
 {
+    guint n = o->args ? g_strv_length(o->args) : 0;
+    const char *mp;
     struct stat st;
     char *abs;
 
-    if (!o->args || g_strv_length(o->args) != 2) {
-        nbdfs_error("mount", "expected SOURCE and MOUNTPOINT (see 'nbdfs mount --help')");
+    if (o->command ? n != 1 : n != 2) {
+        nbdfs_error("mount", "expected SOURCE MOUNTPOINT, or [ CMD ARGS... ] MOUNTPOINT "
+                    "(see 'nbdfs mount --help')");
         return false;
     }
-    o->source = o->args[0];
+    o->source = o->command ? o->command[0] : o->args[0];
+    mp = o->args[n - 1];
+    if (o->format && (o->command || strstr(o->source, "://"))) {
+        nbdfs_error("mount", "--format: only for a local image (the server says what it "
+                    "serves)");
+        return false;
+    }
+    if (o->format && !g_regex_match_simple("^[a-z0-9][a-z0-9_-]*$", o->format, 0, 0)) {
+        nbdfs_error("mount", "--format: '%s' is not a format name (raw, qcow2, vmdk...)",
+                    o->format);
+        return false;
+    }
     if (o->connections < 1 || o->connections > MAX_CONNECTIONS) {
         nbdfs_error("mount", "--connections: must be between 1 and %d, not %d",
                     MAX_CONNECTIONS, o->connections);
@@ -359,25 +396,22 @@ static bool validate(MountOptions *o)
                     MAX_TIMEOUT, o->timeout);
         return false;
     }
-    if (!nbdfs_check_format("mount", o->format)) {
-        return false;
-    }
     if (o->name && !nbdfs_valid_file_name(o->name)) {
         nbdfs_error("mount", "--name: '%s' is not a usable file name (nor '.', '..' or 'dirty')",
                     o->name);
         return false;
     }
-    if (stat(o->args[1], &st) < 0) {
-        nbdfs_error("mount", "mount point %s: %s", o->args[1], g_strerror(errno));
+    if (stat(mp, &st) < 0) {
+        nbdfs_error("mount", "mount point %s: %s", mp, g_strerror(errno));
         return false;
     }
     if (!S_ISDIR(st.st_mode)) {
-        nbdfs_error("mount", "mount point %s: not a directory", o->args[1]);
+        nbdfs_error("mount", "mount point %s: not a directory", mp);
         return false;
     }
-    abs = realpath(o->args[1], NULL);
+    abs = realpath(mp, NULL);
     if (!abs) {
-        nbdfs_error("mount", "mount point %s: %s", o->args[1], g_strerror(errno));
+        nbdfs_error("mount", "mount point %s: %s", mp, g_strerror(errno));
         return false;
     }
     o->mountpoint = g_strdup(abs);
@@ -385,7 +419,7 @@ static bool validate(MountOptions *o)
     if (nbdfs_mountinfo_find(o->mountpoint, NULL, NULL)) {
         /* A second mount would hide the first: surely a mistake. */
         nbdfs_error("mount", "mount point %s: already a mount point (unmount it first)",
-                    o->args[1]);
+                    mp);
         return false;
     }
     return true;
@@ -406,8 +440,8 @@ int nbdfs_cmd_mount(int argc, char **argv)
           "Fail a request the server has not answered in SECS seconds with EIO, and "
           "reconnect (default 30)", "SECS" },
         { "format", 0, 0, G_OPTION_ARG_STRING, &o.format,
-          "The local image's format: only 'raw', to mount an image that looks like "
-          "another format as its bytes", "FMT" },
+          "The local image's format (default: detected as qemu-img does); 'raw' mounts "
+          "any file's bytes as they are", "FMT" },
         { "name", 0, 0, G_OPTION_ARG_STRING, &o.name,
           "File name of the export in the mount point", "NAME" },
         { "option", 'o', 0, G_OPTION_ARG_STRING_ARRAY, &o.fuse_options,
@@ -420,11 +454,13 @@ int nbdfs_cmd_mount(int argc, char **argv)
     };
     int ready_fd = -1;
 
-    if (!nbdfs_parse_options("mount", "SOURCE MOUNTPOINT",
-                             "Mount the NBD export SOURCE (an NBD URI, or a local raw image "
-                             "served in-process) as a file in MOUNTPOINT,\nwith its dirty "
-                             "bitmaps in MOUNTPOINT/dirty/.  Unmount with 'nbdfs umount "
-                             "MOUNTPOINT'.",
+    if (!nbdfs_split_command("mount", &argc, argv, &o.command) ||
+        !nbdfs_parse_options("mount", "SOURCE MOUNTPOINT | [ CMD ARGS... ] MOUNTPOINT",
+                             "Mount the NBD export SOURCE (an NBD URI, or a local image: raw "
+                             "ones served in-process,\nothers by qemu-nbd), or the export of "
+                             "the server CMD started for the mount, as a file\nin "
+                             "MOUNTPOINT, with its dirty bitmaps in MOUNTPOINT/dirty/.  "
+                             "Unmount with\n'nbdfs umount MOUNTPOINT'.",
                              entries, &argc, &argv) ||
         !validate(&o)) {
         return 1;

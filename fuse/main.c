@@ -48,6 +48,36 @@ gboolean nbdfs_parse_options(const char *subcommand, const char *params, const c
     return TRUE;
 }
 
+gboolean nbdfs_split_command(const char *subcommand, int *argc, char **argv, char ***command)
+{
+    int open = -1, close = -1;
+
+    *command = NULL;
+    for (int i = 1; i < *argc; i++) {
+        if (open < 0 && strcmp(argv[i], "[") == 0) {
+            open = i;
+        } else if (open >= 0 && strcmp(argv[i], "]") == 0) {
+            close = i;                 /* the last one: CMD's own arguments may hold "]" */
+        }
+    }
+    if (open < 0) {
+        return TRUE;
+    }
+    if (close < 0 || close == open + 1) {
+        nbdfs_error(subcommand, close < 0 ? "'[' without ']': write [ CMD ARGS... ]"
+                                          : "[ ]: no command between the brackets");
+        return FALSE;
+    }
+    *command = g_new0(char *, close - open);
+    for (int i = open + 1; i < close; i++) {
+        (*command)[i - open - 1] = g_strdup(argv[i]);
+    }
+    /* The rest closes up over the brackets, for the option parser. */
+    memmove(argv + open, argv + close + 1, (*argc - close) * sizeof(char *));
+    *argc -= close - open + 1;
+    return TRUE;
+}
+
 gboolean nbdfs_parse_size(const char *s, guint64 max, guint64 *out)
 {
     static const char units[] = "KMGT";

@@ -67,21 +67,53 @@
 
 /* ---- nbd-client.c: sources and handles ---- */
 
-/* Where an export comes from: an NBD URI, or a local raw image served in-process. */
+/* ---- spawn.c: a server started for the mount ---- */
+
+typedef struct NbdfsSpawned NbdfsSpawned;
+
+/* Start ARGV by socket activation on a private unix socket; errors name the command. */
+NbdfsSpawned *nbdfs_spawn_start(char **argv, GError **error);
+const char *nbdfs_spawn_socket(const NbdfsSpawned *s);
+/* If the server died, start it again (the reconnect thread calls this). */
+bool nbdfs_spawn_ensure(NbdfsSpawned *s, GError **error);
+/* Why the server is gone ("qemu-nbd exited with status 1"), or NULL while it runs. */
+char *nbdfs_spawn_exit_reason(NbdfsSpawned *s);
+/*
+ * Stop it (SIGTERM, then SIGKILL after a grace) and remove its socket.
+ * True if it ended cleanly (status 0, or by the SIGTERM).
+ */
+bool nbdfs_spawn_free(NbdfsSpawned *s);
+
+/* ---- nbd-client.c: sources and handles ---- */
+
+/*
+ * Where an export comes from: an NBD URI, a local raw image served
+ * in-process, or a server started for the mount (qemu-nbd for an image of
+ * another format, or the user's [ CMD ]).
+ */
 typedef struct {
     char *spec;                    /* as the user wrote it */
-    char *image;                   /* local image path; NULL for a URI */
-    NbdsServer *server;            /* local image: the bundled server */
+    char *image;                   /* local image path; NULL for a URI or a command */
+    char *format;                  /* the image's format ("raw", "qcow2", ...) */
+    NbdsServer *server;            /* local raw image: the bundled server */
+    NbdfsSpawned *spawned;         /* a server started for us */
+    GPtrArray *skipped_bitmaps;    /* persistent bitmaps qemu cannot export (char *) */
     bool shut_down;
 } NbdfsSource;
 
 /*
- * A URI is anything with "://"; everything else names a local image, opened
- * now.  FORMAT: NULL to refuse images that are not raw (qcow2, ...: detected
- * by their magic), or "raw" to serve any file's bytes as they are.
+ * COMMAND (argv, or NULL): start it and connect to it.  Else a URI is
+ * anything with "://"; everything else names a local image: raw ones are
+ * opened now by the bundled server; others (detected by their magic, as
+ * qemu-img does, or named by FORMAT) are served by qemu-nbd with every
+ * persistent bitmap.  FORMAT "raw" serves any file's bytes as they are.
  */
-NbdfsSource *nbdfs_source_open(const char *spec, bool read_only, const char *format,
-                               GError **error);
+NbdfsSource *nbdfs_source_open(const char *spec, char **command, bool read_only,
+                               const char *format, GError **error);
+/* Start connecting H to SRC (the handshake follows: nbdfs_source_connect). */
+bool nbdfs_source_dial(NbdfsSource *src, struct nbd_handle *h, GError **error);
+/* Socket buffers for maximal FUSE writes in one send. */
+void nbdfs_enlarge_socket_buffers(int fd);
 /* Stop serving: a local image is flushed, its bitmaps saved; false if that failed. */
 bool nbdfs_source_shutdown(NbdfsSource *src);
 void nbdfs_source_free(NbdfsSource *src);

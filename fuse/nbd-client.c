@@ -68,81 +68,6 @@ int nbdfs_errno(int err)
     }
 }
 
-/* ---- sources ---- */
-
-/*
- * A 1 MiB write should leave in one send(2) from the thread that issues it:
- * a default unix socket buffer (about 200 KiB) makes the I/O thread finish
- * the job after several wake-ups.  Privileged users may go past wmem_max.
- */
-static void enlarge_socket_buffers(int fd)
-{
-    int size = SOCKET_BUFFER;
-
-    if (fd < 0) {
-        return;
-    }
-    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size)) < 0) {
-        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
-    }
-    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof(size)) < 0) {
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
-    }
-}
-
-NbdfsSource *nbdfs_source_open(const char *spec, bool read_only, const char *format,
-                               GError **error)
-{
-    g_autoptr(NbdfsSource) src = g_new0(NbdfsSource, 1);
-
-    src->spec = g_strdup(spec);
-    if (strstr(spec, "://")) {
-        return g_steal_pointer(&src);
-    }
-    /* Absolute: a daemon changes to "/", and the server reopens files by path. */
-    src->image = g_canonicalize_filename(spec, NULL);
-    src->server = nbds_server_new(&(NbdsServerConfig){
-        .read_only = read_only,
-        .any_format = format != NULL,
-    }, error);
-    if (!src->server) {
-        return NULL;
-    }
-    if (!nbds_server_add_export(src->server, src->image, error)) {
-        return NULL;
-    }
-    return g_steal_pointer(&src);
-}
-
-bool nbdfs_source_shutdown(NbdfsSource *src)
-{
-    bool ok = true;
-
-    if (src && src->server && !src->shut_down) {
-        /* Ends the in-process connections, flushes the image, saves the bitmaps. */
-        ok = nbds_server_shutdown(src->server);
-        src->shut_down = true;
-        if (!ok) {
-            g_warning("%s: flushing the image failed", src->image);
-        }
-    }
-    return ok;
-}
-
-void nbdfs_source_free(NbdfsSource *src)
-{
-    if (!src) {
-        return;
-    }
-    nbdfs_source_shutdown(src);
-    if (src->server) {
-        nbds_server_free(src->server);
-    }
-    g_free(src->spec);
-    g_free(src->image);
-    g_free(src);
-}
-
 struct nbd_handle *nbdfs_handle_new(bool opt_mode, GError **error)
 {
     struct nbd_handle *h = nbd_create();
@@ -235,34 +160,20 @@ static bool handshake_done(struct nbd_handle *h, void *data)
 bool nbdfs_source_connect(NbdfsSource *src, struct nbd_handle *h, unsigned timeout_s,
                           int cancel_fd, GError **error)
 {
-    int r;
-
-    if (src->image) {
-        int sv[2];
-        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
-            g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno), "socketpair: %s",
-                        g_strerror(errno));
-            return false;
+    if (!nbdfs_source_dial(src, h, error)) {
+        return false;
+    }
+    if (!poll_until(h, handshake_done, NULL, "cannot connect", timeout_s, cancel_fd, error) ||
+        (!nbd_aio_is_negotiating(h) && !nbd_aio_is_ready(h) &&
+         (nbdfs_set_nbd_error(error, "handshake failed"), true))) {
+        /* A server started for us that died says more than the closed socket. */
+        g_autofree char *why = src->spawned ? nbdfs_spawn_exit_reason(src->spawned) : NULL;
+        if (why) {
+            g_prefix_error(error, "%s: ", why);
         }
-        /* The server's replies to large reads should fit its end too. */
-        enlarge_socket_buffers(sv[0]);
-        nbds_server_serve_fd(src->server, sv[0]);
-        r = nbd_aio_connect_socket(h, sv[1]);
-    } else {
-        r = nbd_aio_connect_uri(h, src->spec);
-    }
-    if (r == -1) {
-        nbdfs_set_nbd_error(error, "cannot connect");
         return false;
     }
-    if (!poll_until(h, handshake_done, NULL, "cannot connect", timeout_s, cancel_fd, error)) {
-        return false;
-    }
-    if (!nbd_aio_is_negotiating(h) && !nbd_aio_is_ready(h)) {
-        nbdfs_set_nbd_error(error, "handshake failed");
-        return false;
-    }
-    enlarge_socket_buffers(nbd_aio_get_fd(h));
+    nbdfs_enlarge_socket_buffers(nbd_aio_get_fd(h));
     return true;
 }
 

@@ -27,6 +27,13 @@ void nbdfs_error(const char *subcommand, const char *fmt, ...) G_GNUC_PRINTF(2, 
 gboolean nbdfs_parse_options(const char *subcommand, const char *params, const char *summary,
                              const GOptionEntry *entries, int *argc, char ***argv);
 
+/*
+ * Take "[ CMD ARGS... ]" (a server to start, as libnbd's tools write it) out
+ * of ARGV into *COMMAND (NULL if none); ARGV closes up.  FALSE, said, when
+ * the brackets are wrong.
+ */
+gboolean nbdfs_split_command(const char *subcommand, int *argc, char **argv, char ***command);
+
 /* "65536", "64K", "64KiB", "256M", "1G" -> bytes, at most MAX; FALSE if not a size. */
 gboolean nbdfs_parse_size(const char *s, guint64 max, guint64 *out);
 

@@ -65,6 +65,7 @@ SRC
 }
 
 build_pkgs=(build-essential meson ninja-build pkg-config libfuse3-dev fuse3 libglib2.0-dev
+            libjson-glib-dev
             libxml2-dev libgnutls28-dev gnutls-bin jq python3 python3-dev util-linux coreutils
             rsync tar iproute2 e2fsprogs clang libclang-rt-14-dev valgrind fio)
 test_peers=(nbdkit nbd-server)

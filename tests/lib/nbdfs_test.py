@@ -342,8 +342,12 @@ def _mount_cleanup(m):
 def _mount(tc, source, args, mountpoint, foreground, timeout):
     mountpoint = mountpoint or tc.path("mnt")
     os.makedirs(mountpoint, exist_ok=True)
+    if isinstance(source, list):
+        source = ["[", *source, "]"]       # a server started for the mount
+    else:
+        source = [source]
     if foreground or FOREGROUND:
-        proc = Process([*MOUNT_WRAPPER, NBDFS, "mount", "-f", *args, source, mountpoint],
+        proc = Process([*MOUNT_WRAPPER, NBDFS, "mount", "-f", *args, *source, mountpoint],
                        tc.path("mount-%s.err" % os.path.basename(mountpoint)))
         m = Mount(mountpoint, proc)
         tc.addCleanup(_mount_cleanup, m)
@@ -353,7 +357,7 @@ def _mount(tc, source, args, mountpoint, foreground, timeout):
             raise AssertionError("nbdfs mount failed (%s):\n%s" % (proc.stop(), proc.stderr()))
         return m
     # Background mode: the command returns once the mount is usable.
-    run([NBDFS, "mount", *args, source, mountpoint], timeout=timeout)
+    run([NBDFS, "mount", *args, *source, mountpoint], timeout=timeout)
     m = Mount(mountpoint)
     tc.addCleanup(_mount_cleanup, m)
     if not is_mounted(mountpoint):
@@ -417,6 +421,7 @@ def _start_nbd_server(tc, image, export="disk", name="nbd-server"):
 TestCase.mount = lambda self, source, *args, mountpoint=None, foreground=False, timeout=30: \
     _mount(self, source, args, mountpoint, foreground, timeout)
 TestCase.mount.__doc__ = """'nbdfs mount [ARGS] SOURCE MOUNTPOINT' (default TMP/mnt): a Mount.
+    SOURCE a list: '[ SOURCE... ]', a server started for the mount.
     FOREGROUND runs it with -f (its exit status can be checked); else the
     command must return with the mount in place."""
 TestCase.start_nbdkit = _start_nbdkit
