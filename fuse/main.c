@@ -188,9 +188,23 @@ static void usage(FILE *out)
             "  -V, --version   show the version\n");
 }
 
+bool nbdfs_is_subcommand(const char *name)
+{
+    for (size_t i = 0; i < G_N_ELEMENTS(subcommands); i++) {
+        if (strcmp(name, subcommands[i].name) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
 int main(int argc, char **argv)
 {
     g_log_set_default_handler(log_handler, NULL);
+    /* Run by mount(8), or by mount.fuse3 for an fstab line of type fuse.nbdfs. */
+    if (nbdfs_is_mount_helper(argc, argv)) {
+        return nbdfs_mount_helper(argc, argv);
+    }
     if (argc < 2) {
         usage(stderr);
         return 1;

@@ -17,6 +17,12 @@ int nbdfs_cmd_bitmap(int argc, char **argv);
 void nbdfs_log_use_syslog(void);
 bool nbdfs_log_to_syslog(void);
 
+/* mount-helper.c: was nbdfs run as a mount helper (mount.nbdfs, or by mount.fuse3)? */
+bool nbdfs_is_mount_helper(int argc, char **argv);
+/* Mount as mount(8) asks: SOURCE MOUNTPOINT [-o OPTIONS]. */
+int nbdfs_mount_helper(int argc, char **argv);
+bool nbdfs_is_subcommand(const char *name);
+
 /* Print "nbdfs SUBCOMMAND: MESSAGE" on stderr. */
 void nbdfs_error(const char *subcommand, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
 
