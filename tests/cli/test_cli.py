@@ -71,7 +71,7 @@ class ServeErrors(nbdfs_test.TestCase):
             (["-U", self.path("no/such/dir/s.sock"), self.img], "No such file or directory"),
             (["-U", "/tmp/" + "x" * 120, self.img], "socket path is too long"),
             (["-U", self.img, self.img], "exists and is not a socket"),
-            (["-p", "1", "-b", "203.0.113.77", self.img], "203.0.113.77:1"),
+            (["--tls=off", "-p", "1", "-b", "203.0.113.77", self.img], "203.0.113.77:1"),
             (["--pid-file", self.path("no/dir/pid"), "-U", sock, self.img], "--pid-file"),
         ]
         for args, message in cases:

@@ -96,7 +96,9 @@ class SlowClientsTest(t.TestCase):
         report("3 clients x 64 block-status requests, 9 contexts x 131k extents, unread",
                server_growth_mib="%.0f" % (peak - base), other_worst_read_ms="%.1f" % (latency * 1000))
         self.assertLess(peak - base, 256 + 32)
-        self.assertLess(latency, 0.5)
+        # Alone on this machine the worst read takes 10-20 ms (an unbounded
+        # server: seconds); the bound leaves room for a suite run in parallel.
+        self.assertLess(latency, 2.0)
 
 
 class ThreadLimitTest(t.TestCase):
@@ -123,14 +125,28 @@ class ThreadLimitTest(t.TestCase):
             self.assertEqual(len(h.pread(4096, 0)), 4096)
             return srv, sock, h
         # How many threads this build runs with one client (sanitizers may add some)...
+        # (the fewest seen over a second: a sanitizer's short-lived helpers do not count).
         probe, _, h = start(1000, "probe")
-        threads = len(os.listdir("/proc/%d/task" % probe.proc.pid))
+        threads = 1000
+        for _ in range(20):
+            threads = min(threads, len(os.listdir("/proc/%d/task" % probe.proc.pid)))
+            time.sleep(0.05)
         h.shutdown()
         probe.stop()
         # ...then room for one more (the next client's reader), not for its writer.
         srv, sock, h = start(threads + 1, "limited")
-        greedy = rc.RawClient(sock)
-        greedy.connect(rc.STRUCTURED)
+        for attempt in range(10):
+            greedy = rc.RawClient(sock)
+            try:
+                greedy.connect(rc.STRUCTURED)
+                break
+            except rc.Closed:
+                # A sanitizer's short-lived helper took the room: the reader
+                # was refused, which costs this client alone too.  Again.
+                greedy.close()
+                self.assertTrue(srv.alive(), srv.stderr())
+                self.assertIn("cannot start a thread:", srv.stderr())
+                time.sleep(0.5)
         for i in range(32):
             greedy.request(rc.CMD_READ, i * MiB, MiB)    # unread: needs the writer thread
         self.assertTrue(greedy.is_closed(10), "the client whose writer was refused stays")
