@@ -17,11 +17,6 @@
 
 typedef struct {
     char *name;
-    char *description;             /* from NBD_OPT_LIST, or NULL */
-} ExportEntry;
-
-typedef struct {
-    char *name;
     char *description;
     uint64_t size;
     GPtrArray *flags;              /* const char *: names of the flags set */
@@ -29,13 +24,6 @@ typedef struct {
     GPtrArray *contexts;           /* char * */
     char *error;                   /* the export could not be queried */
 } ExportInfo;
-
-static void export_entry_free(ExportEntry *e)
-{
-    g_free(e->name);
-    g_free(e->description);
-    g_free(e);
-}
 
 static void export_info_free(ExportInfo *e)
 {
@@ -45,16 +33,6 @@ static void export_info_free(ExportInfo *e)
     g_ptr_array_unref(e->contexts);
     g_free(e->error);
     g_free(e);
-}
-
-static int collect_export(void *data, const char *name, const char *description)
-{
-    ExportEntry *e = g_new0(ExportEntry, 1);
-
-    e->name = g_strdup(name);
-    e->description = description && description[0] ? g_strdup(description) : NULL;
-    g_ptr_array_add(data, e);
-    return 0;
 }
 
 static int collect_context(void *data, const char *name)
@@ -113,7 +91,7 @@ static void read_export(struct nbd_handle *h, ExportInfo *info)
     info->block_size[2] = MAX(nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM), 0);
 }
 
-static ExportInfo *query_export(struct nbd_handle *h, const ExportEntry *entry, bool contexts)
+static ExportInfo *query_export(struct nbd_handle *h, const NbdfsExportEntry *entry, bool contexts)
 {
     ExportInfo *info = g_new0(ExportInfo, 1);
     g_autoptr(GError) error = NULL;
@@ -283,18 +261,6 @@ static void print_json(struct nbd_handle *h, GPtrArray *exports)
 }
 
 /* NBD_OPT_ABORT, politely waiting a moment for the server to hang up. */
-static void end_negotiation(struct nbd_handle *h)
-{
-    gint64 deadline = g_get_monotonic_time() + 2 * G_USEC_PER_SEC;
-
-    if (nbd_aio_opt_abort(h) == -1) {
-        return;
-    }
-    while (!nbd_aio_is_closed(h) && !nbd_aio_is_dead(h) &&
-           g_get_monotonic_time() < deadline && nbd_poll(h, 100) != -1) {
-    }
-}
-
 /* Connect to SPEC: a local image is opened read-write if it can be, else read-only. */
 static NbdfsSource *open_source(const char *spec, char **command, GError **error)
 {
@@ -318,8 +284,7 @@ int nbdfs_cmd_info(int argc, char **argv)
     };
     g_autoptr(NbdfsSource) src = NULL;
     g_autoptr(GError) error = NULL;
-    g_autoptr(GPtrArray) entries_found = g_ptr_array_new_with_free_func(
-        (GDestroyNotify)export_entry_free);
+    g_autoptr(GPtrArray) entries_found = NULL;
     g_autoptr(GPtrArray) exports = g_ptr_array_new_with_free_func(
         (GDestroyNotify)export_info_free);
     g_auto(GStrv) command = NULL;
@@ -354,33 +319,32 @@ int nbdfs_cmd_info(int argc, char **argv)
         goto out;
     }
     nbd_set_full_info(h, true);
-    if (!nbdfs_source_connect(src, h, NBDFS_DEFAULT_TIMEOUT, -1, &error)) {
+    if (!nbdfs_source_connect(src, NULL, h, NBDFS_DEFAULT_TIMEOUT, -1, &error)) {
         nbdfs_error("info", "%s: %s", spec, error->message);
         goto out;
     }
 
     if (nbd_aio_is_negotiating(h)) {
-        NbdfsOption opt;
         bool contexts = nbd_get_structured_replies_negotiated(h) == 1 ||
                         nbd_get_extended_headers_negotiated(h) == 1;
-        if (!nbdfs_option_wait(h, nbd_aio_opt_list(h, (nbd_list_callback){
-                                                           .callback = collect_export,
-                                                           .user_data = entries_found },
-                                                   nbdfs_option_callback(&opt)),
-                               &opt, "NBD_OPT_LIST", NBDFS_DEFAULT_TIMEOUT, &error)) {
+        entries_found = nbdfs_list_exports(h, NBDFS_DEFAULT_TIMEOUT, &error);
+        if (!entries_found) {
             /* The server will not list: describe the export the source names. */
+            NbdfsExportEntry *e = g_new0(NbdfsExportEntry, 1);
             char *name = nbd_get_export_name(h);
             g_debug("%s", error->message);
             g_clear_error(&error);
-            g_ptr_array_set_size(entries_found, 0);
-            collect_export(entries_found, name ? name : "", NULL);
+            entries_found = g_ptr_array_new_with_free_func(
+                (GDestroyNotify)nbdfs_export_entry_free);
+            e->name = g_strdup(name ? name : "");
+            g_ptr_array_add(entries_found, e);
             free(name);
         }
         for (guint i = 0; i < entries_found->len; i++) {
             g_ptr_array_add(exports, query_export(h, g_ptr_array_index(entries_found, i),
                                                   contexts));
         }
-        end_negotiation(h);
+        nbdfs_end_negotiation(h);
     } else {
         /* A server without options went straight to transmission. */
         ExportInfo *info = g_new0(ExportInfo, 1);

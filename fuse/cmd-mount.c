@@ -36,6 +36,7 @@
 #define READAHEAD NBDFS_MAX_FUSE_IO
 
 typedef struct {
+    gboolean all;
     gboolean read_only;
     gboolean foreground;
     gboolean verbose;
@@ -91,20 +92,20 @@ static void fuse_log_func(enum fuse_log_level level, const char *fmt, va_list ap
 }
 
 /* Background mode: tell the parent the mount works, and let go of its terminal. */
-static void release_parent(NbdfsMount *m)
+static void release_parent(NbdfsFs *fs)
 {
-    if (m->ready_fd < 0) {
+    if (fs->ready_fd < 0) {
         return;
     }
     nbdfs_log_use_syslog();
-    if (!nbdfs_daemon_ready(&m->ready_fd, false)) {
+    if (!nbdfs_daemon_ready(&fs->ready_fd, false)) {
         g_warning("cannot tell the parent process the mount is ready: %s", g_strerror(errno));
     }
 }
 
 void nbdfs_session_init(void *userdata, struct fuse_conn_info *conn)
 {
-    NbdfsMount *m = userdata;
+    NbdfsFs *fs = userdata;
 
     /* Large requests, many at once: the kernel's defaults are 128 KiB and 12. */
     conn->max_write = NBDFS_MAX_FUSE_IO;
@@ -117,7 +118,7 @@ void nbdfs_session_init(void *userdata, struct fuse_conn_info *conn)
     conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
     g_debug("FUSE: max_write %u, max_readahead %u, max_background %u", conn->max_write,
             conn->max_readahead, conn->max_background);
-    release_parent(m);
+    release_parent(fs);
 }
 
 /*
@@ -144,7 +145,7 @@ static void tune_readahead(const char *device)
 }
 
 /* "fsname=SOURCE" with the commas and backslashes libfuse would split on escaped. */
-static char *fuse_default_options(const MountOptions *o, const NbdfsMount *m)
+static char *fuse_default_options(const MountOptions *o, bool read_only)
 {
     GString *s = g_string_new("fsname=");
     g_autofree char *source = o->command ? g_strjoinv(" ", o->command) : g_strdup(o->source);
@@ -156,105 +157,83 @@ static char *fuse_default_options(const MountOptions *o, const NbdfsMount *m)
         g_string_append_c(s, *p);
     }
     g_string_append(s, ",subtype=nbdfs");
-    if (m->read_only) {
+    if (read_only) {
         g_string_append(s, ",ro");
     }
     return g_string_free(s, FALSE);
 }
 
-/*
- * The virtual disk of an image of another format is raw bytes: "vm.qcow2"
- * shows as "vm.raw", so nothing takes it for the container.
- */
-static char *raw_name(const char *image, const char *format)
+static NbdfsFs *fs_new(const MountOptions *o, int ready_fd)
 {
-    g_autofree char *base = g_path_get_basename(image);
-    const char *ext = strcmp(format, "vpc") == 0 ? ".vhd" : NULL;
-    g_autofree char *fmt_ext = g_strconcat(".", format, NULL);
-    char *dot = strrchr(base, '.');
+    NbdfsFs *fs = g_new0(NbdfsFs, 1);
 
-    if (dot && dot != base && (strcmp(dot, fmt_ext) == 0 || (ext && strcmp(dot, ext) == 0))) {
-        *dot = '\0';
-    }
-    return g_strconcat(base, ".raw", NULL);
-}
-
-static char *choose_file_name(const MountOptions *o, const NbdfsMount *m)
-{
-    if (o->name) {
-        return g_strdup(o->name);
-    }
-    if (m->source->image && m->source->spawned) {
-        return raw_name(m->source->image, m->source->format);
-    }
-    if (m->source->image) {
-        return g_path_get_basename(m->source->image);
-    }
-    if (m->export_name[0]) {
-        return g_strdelimit(g_strdup(m->export_name), "/", '_');
-    }
-    return g_strdup("disk");
-}
-
-static NbdfsMount *mount_new(const MountOptions *o, int ready_fd)
-{
-    NbdfsMount *m = g_new0(NbdfsMount, 1);
-
-    m->ready_fd = ready_fd;
-    m->timeout = o->timeout;
-    m->mountpoint = g_strdup(o->mountpoint);
-    m->pending = nbdfs_pending_new();
-    m->ended_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    m->control_fd = -1;
-    m->reconnect_cancel_fd = -1;
-    g_mutex_init(&m->ios_lock);
-    g_cond_init(&m->ios_cond);
-    g_mutex_init(&m->files_lock);
-    g_mutex_init(&m->reconnect_lock);
-    g_cond_init(&m->reconnect_cond);
-    clock_gettime(CLOCK_REALTIME, &m->start_time);
-    return m;
+    fs->all = o->all;
+    fs->exports = g_ptr_array_new_with_free_func((GDestroyNotify)nbdfs_fs_free_export);
+    fs->file_name = g_strdup(o->name);
+    fs->read_only = o->read_only;
+    fs->connections = o->connections;
+    fs->timeout = o->timeout;
+    fs->ready_fd = ready_fd;
+    fs->mountpoint = g_strdup(o->mountpoint);
+    fs->ended_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    fs->control_fd = -1;
+    g_mutex_init(&fs->open_lock);
+    g_cond_init(&fs->open_cond);
+    clock_gettime(CLOCK_REALTIME, &fs->start_time);
+    return fs;
 }
 
 /*
- * Release the connections and the source: a local image is flushed, its
+ * Release every export and the source: a local image is flushed, its
  * bitmaps saved and its lock released.  False if flushing it failed.
  */
-static bool mount_release(NbdfsMount *m)
+static bool fs_release(NbdfsFs *fs)
 {
     bool ok;
 
-    nbdfs_client_stop_reconnect(m);
-    nbdfs_client_stop(m);
-    ok = nbdfs_source_shutdown(m->source);
-    g_clear_pointer(&m->source, nbdfs_source_free);
+    for (guint i = 0; i < fs->exports->len; i++) {
+        nbdfs_fs_close_export(g_ptr_array_index(fs->exports, i));
+    }
+    ok = nbdfs_source_shutdown(fs->source);
+    g_clear_pointer(&fs->source, nbdfs_source_free);
     return ok;
 }
 
-static void mount_free(NbdfsMount *m)
+static void fs_free(NbdfsFs *fs)
 {
-    nbdfs_files_forget(m);
-    nbdfs_pending_free(m->pending);
-    if (m->bitmaps) {
-        g_ptr_array_unref(m->bitmaps);
+    g_ptr_array_unref(fs->exports);
+    g_free(fs->file_name);
+    g_free(fs->mountpoint);
+    if (fs->ready_fd >= 0) {
+        close(fs->ready_fd);
     }
-    nbdfs_context_free(m->allocation);
-    nbdfs_export_identity_clear(&m->identity);
-    g_free(m->export_name);
-    g_free(m->file_name);
-    g_free(m->mountpoint);
-    if (m->ready_fd >= 0) {
-        close(m->ready_fd);
+    if (fs->ended_fd >= 0) {
+        close(fs->ended_fd);
     }
-    if (m->ended_fd >= 0) {
-        close(m->ended_fd);
+    g_mutex_clear(&fs->open_lock);
+    g_cond_clear(&fs->open_cond);
+    g_free(fs);
+}
+
+/* What became of the writes of every export; false if any failed or may be lost. */
+static bool final_report(NbdfsFs *fs, GString *messages)
+{
+    bool ok = true;
+
+    for (guint i = 0; i < fs->exports->len; i++) {
+        NbdfsMount *m = g_ptr_array_index(fs->exports, i);
+        g_autoptr(GString) lines = g_string_new(NULL);
+        ok &= nbdfs_files_final_report(m, lines);
+        if (lines->len && m->dir_name) {
+            g_auto(GStrv) split = g_strsplit(g_strchomp(lines->str), "\n", -1);
+            for (char **l = split; *l; l++) {
+                g_string_append_printf(messages, "%s: %s\n", m->dir_name, *l);
+            }
+        } else {
+            g_string_append(messages, lines->str);
+        }
     }
-    g_mutex_clear(&m->ios_lock);
-    g_cond_clear(&m->ios_cond);
-    g_mutex_clear(&m->files_lock);
-    g_mutex_clear(&m->reconnect_lock);
-    g_cond_clear(&m->reconnect_cond);
-    g_free(m);
+    return ok;
 }
 
 /*
@@ -263,7 +242,7 @@ static void mount_free(NbdfsMount *m)
  */
 static int run_mount(const MountOptions *o, int ready_fd)
 {
-    NbdfsMount *m = mount_new(o, ready_fd);
+    NbdfsFs *fs = fs_new(o, ready_fd);
     struct fuse_args args = FUSE_ARGS_INIT(0, NULL);
     g_autofree char *defaults = NULL;
     g_autofree char *device = NULL;
@@ -271,7 +250,7 @@ static int run_mount(const MountOptions *o, int ready_fd)
     g_autoptr(GString) messages = g_string_new(NULL);
     struct fuse_session *se = NULL;
     sigset_t stop_signals;
-    bool ran = false, ok = false;
+    bool ran = false, ok = false, read_only = o->read_only;
 
     /* Before any thread starts: stop signals arrive through the main loop's signalfd. */
     sigemptyset(&stop_signals);
@@ -280,28 +259,28 @@ static int run_mount(const MountOptions *o, int ready_fd)
     sigaddset(&stop_signals, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
 
-    m->source = nbdfs_source_open(o->source, o->command, o->read_only, o->format, &error);
-    if (!m->source) {
+    fs->source = nbdfs_source_open(o->source, o->command, o->read_only, o->format, &error);
+    if (!fs->source) {
         nbdfs_error("mount", "%s", error->message);
         goto out;
     }
-    if (!nbdfs_client_connect(m, o->connections, &error)) {
-        nbdfs_error("mount", "%s: %s", o->source, error->message);
-        goto out;
+    if (o->all) {
+        /* Every export the server lists, each opened when first used. */
+        if (!nbdfs_fs_list_exports(fs, &error)) {
+            nbdfs_error("mount", "%s: %s", o->source, error->message);
+            goto out;
+        }
+        g_debug("%s: %u export(s)", o->source, fs->exports->len);
+    } else {
+        NbdfsMount *m = nbdfs_fs_add_export(fs, NULL, NULL);
+        if (!nbdfs_fs_open_export(m, &error)) {
+            nbdfs_error("mount", "%s: %s", o->source, error->message);
+            goto out;
+        }
+        read_only = m->read_only;
     }
-    m->read_only |= o->read_only;
-    /* A local image is locked by the in-process server: nobody else writes it. */
-    m->keep_cache = m->source->image != NULL;
-    m->file_name = choose_file_name(o, m);
-    if (!nbdfs_valid_file_name(m->file_name)) {
-        nbdfs_error("mount", "%s: '%s' cannot be the export's file name (choose one with --name)",
-                    o->source, m->file_name);
-        goto out;
-    }
-    g_debug("%s: %" G_GUINT64_FORMAT " bytes, %u connection(s), %u dirty bitmap(s)%s",
-            o->source, m->size, m->n_conns, m->bitmaps->len, m->read_only ? ", read-only" : "");
 
-    defaults = fuse_default_options(o, m);
+    defaults = fuse_default_options(o, read_only);
     fuse_opt_add_arg(&args, "nbdfs");
     fuse_opt_add_arg(&args, "-o");
     fuse_opt_add_arg(&args, defaults);
@@ -309,7 +288,7 @@ static int run_mount(const MountOptions *o, int ready_fd)
         fuse_opt_add_arg(&args, "-o");
         fuse_opt_add_arg(&args, *opt);
     }
-    se = fuse_session_new(&args, &nbdfs_ops, sizeof(nbdfs_ops), m);
+    se = fuse_session_new(&args, &nbdfs_ops, sizeof(nbdfs_ops), fs);
     fuse_opt_free_args(&args);
     if (!se) {
         goto out;                  /* libfuse said why (-o) */
@@ -317,10 +296,10 @@ static int run_mount(const MountOptions *o, int ready_fd)
     if (fuse_session_mount(se, o->mountpoint) != 0) {
         goto out_session;          /* libfuse said why */
     }
-    m->session = se;
+    fs->session = se;
     if (nbdfs_mountinfo_find(o->mountpoint, &device, NULL)) {
         tune_readahead(device);
-        if (!nbdfs_control_listen(m, device, &error)) {
+        if (!nbdfs_control_listen(fs, device, &error)) {
             g_warning("%s; 'nbdfs umount' cannot wait for this mount", error->message);
             g_clear_error(&error);
         }
@@ -328,13 +307,8 @@ static int run_mount(const MountOptions *o, int ready_fd)
     if (ready_fd >= 0 && chdir("/") < 0) {
         g_debug("chdir /: %s", g_strerror(errno));
     }
-    if (!nbdfs_client_start(m, &error) || !nbdfs_client_start_reconnect(m, &error)) {
-        nbdfs_error("mount", "%s", error->message);
-        fuse_session_unmount(se);
-        goto out_session;
-    }
     ran = true;
-    ok = nbdfs_loop_run(m, &stop_signals, &error) == 0;
+    ok = nbdfs_loop_run(fs, &stop_signals, &error) == 0;
     if (!ok) {
         g_string_append_printf(messages, "%s\n", error->message);
     }
@@ -344,9 +318,9 @@ out_session:
 out:
     if (ran) {
         /* What became of the writes, once the session can take no more. */
-        ok &= nbdfs_files_final_report(m, messages);
+        ok &= final_report(fs, messages);
     }
-    if (!mount_release(m) && ran) {
+    if (!fs_release(fs) && ran) {
         g_string_append(messages, "flushing the image failed\n");
         ok = false;
     }
@@ -357,8 +331,8 @@ out:
         }
     }
     /* Last: whoever waits in 'nbdfs umount' may use the image at once. */
-    nbdfs_control_finish(m, messages->str, ok ? 0 : 1);
-    mount_free(m);
+    nbdfs_control_finish(fs, messages->str, ok ? 0 : 1);
+    fs_free(fs);
     return ok ? 0 : 1;
 }
 
@@ -376,6 +350,11 @@ static bool validate(MountOptions *o)
     }
     o->source = o->command ? o->command[0] : o->args[0];
     mp = o->args[n - 1];
+    if (o->all && !o->command && !strstr(o->source, "://")) {
+        nbdfs_error("mount", "--all: needs an NBD URI or [ CMD ARGS... ] (a server with "
+                    "exports to list)");
+        return false;
+    }
     if (o->format && (o->command || strstr(o->source, "://"))) {
         nbdfs_error("mount", "--format: only for a local image (the server says what it "
                     "serves)");
@@ -430,6 +409,9 @@ int nbdfs_cmd_mount(int argc, char **argv)
     g_auto(MountOptions) o = { .connections = DEFAULT_CONNECTIONS,
                                .timeout = NBDFS_DEFAULT_TIMEOUT };
     const GOptionEntry entries[] = {
+        { "all", 'a', 0, G_OPTION_ARG_NONE, &o.all,
+          "Show every export the server lists, each in a directory of its own, connected "
+          "on first use", NULL },
         { "read-only", 'r', 0, G_OPTION_ARG_NONE, &o.read_only,
           "Mount read-only (a read-only export always is)", NULL },
         { "foreground", 'f', 0, G_OPTION_ARG_NONE, &o.foreground,

@@ -50,13 +50,13 @@ static bool peer_trusted(int fd)
     return cred.uid == 0 || cred.uid == getuid();
 }
 
-bool nbdfs_control_listen(NbdfsMount *m, const char *device, GError **error)
+bool nbdfs_control_listen(NbdfsFs *fs, const char *device, GError **error)
 {
     socklen_t len;
     struct sockaddr_un sun = control_address(device, &len);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 
-    m->control_waiters = g_array_new(FALSE, FALSE, sizeof(int));
+    fs->control_waiters = g_array_new(FALSE, FALSE, sizeof(int));
     if (fd < 0 || bind(fd, (struct sockaddr *)&sun, len) < 0 || listen(fd, 8) < 0) {
         g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno),
                     "control socket @%s: %s", sun.sun_path + 1, g_strerror(errno));
@@ -65,13 +65,13 @@ bool nbdfs_control_listen(NbdfsMount *m, const char *device, GError **error)
         }
         return false;
     }
-    m->control_fd = fd;
+    fs->control_fd = fd;
     return true;
 }
 
-void nbdfs_control_accept(NbdfsMount *m)
+void nbdfs_control_accept(NbdfsFs *fs)
 {
-    int fd = accept4(m->control_fd, NULL, NULL, SOCK_CLOEXEC);
+    int fd = accept4(fs->control_fd, NULL, NULL, SOCK_CLOEXEC);
 
     if (fd < 0) {
         return;
@@ -81,7 +81,7 @@ void nbdfs_control_accept(NbdfsMount *m)
         close(fd);
         return;
     }
-    g_array_append_val(m->control_waiters, fd);
+    g_array_append_val(fs->control_waiters, fd);
 }
 
 /* Write all of BUF to FD (blocking, the peer is waiting for it). */
@@ -100,16 +100,16 @@ static void send_all(int fd, const char *buf, size_t len)
     }
 }
 
-void nbdfs_control_finish(NbdfsMount *m, const char *messages, int status)
+void nbdfs_control_finish(NbdfsFs *fs, const char *messages, int status)
 {
     g_autoptr(GString) out = g_string_new(NULL);
     g_auto(GStrv) lines = g_strsplit(messages, "\n", -1);
 
-    if (m->control_fd >= 0) {
-        close(m->control_fd);
-        m->control_fd = -1;
+    if (fs->control_fd >= 0) {
+        close(fs->control_fd);
+        fs->control_fd = -1;
     }
-    if (!m->control_waiters) {
+    if (!fs->control_waiters) {
         return;
     }
     for (char **l = lines; *l; l++) {
@@ -118,12 +118,12 @@ void nbdfs_control_finish(NbdfsMount *m, const char *messages, int status)
         }
     }
     g_string_append_printf(out, "status %d\n", status);
-    for (guint i = 0; i < m->control_waiters->len; i++) {
-        int fd = g_array_index(m->control_waiters, int, i);
+    for (guint i = 0; i < fs->control_waiters->len; i++) {
+        int fd = g_array_index(fs->control_waiters, int, i);
         send_all(fd, out->str, out->len);
         close(fd);
     }
-    g_clear_pointer(&m->control_waiters, g_array_unref);
+    g_clear_pointer(&fs->control_waiters, g_array_unref);
 }
 
 /* ---- the client: nbdfs umount ---- */

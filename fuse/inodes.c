@@ -1,5 +1,5 @@
 /*
- * The fixed tree and the FUSE low-level operations table:
+ * The tree and the FUSE low-level operations table.  One export:
  *
  *   /                 1
  *   /<file>           2   the export (ops-export.c)
@@ -7,6 +7,12 @@
  *   /dirty/NAME.map   4 + 3i   } one triple per dirty bitmap i (ops-dirty.c)
  *   /dirty/NAME.json  5 + 3i   }
  *   /dirty/NAME.img   6 + 3i   }
+ *
+ * With --all the top directory (1) holds a directory per export, the k-th
+ * (from 0) laid out as above with its numbers plus (k + 1) << 32: its
+ * directory is ((k + 1) << 32) + 1.  Looking at the top directory or at an
+ * export's directory itself opens nothing; anything inside opens the export
+ * (exports.c).
  *
  * Inode numbers are computed, never allocated, so lookup counts need no
  * bookkeeping and forget is a no-op.  This file dispatches each operation by
@@ -26,9 +32,31 @@
 
 static const char *const dirty_suffix[NBDFS_DIRTY_KINDS] = { ".map", ".json", ".img" };
 
-static NbdfsMount *mount_of(fuse_req_t req)
+static NbdfsFs *fs_of(fuse_req_t req)
 {
     return fuse_req_userdata(req);
+}
+
+/* Is INO the top directory of an --all mount? */
+static bool is_top(NbdfsFs *fs, fuse_ino_t ino)
+{
+    return fs->all && ino == NBDFS_INO_ROOT;
+}
+
+/*
+ * The export INO belongs to, and INO's number within it (*LOCAL, the
+ * numbers of the table above); NULL for the top directory or no inode.
+ */
+static NbdfsMount *export_of(NbdfsFs *fs, fuse_ino_t ino, fuse_ino_t *local)
+{
+    uint64_t k = ino >> 32;
+
+    if (!fs->all) {
+        *local = ino;
+        return g_ptr_array_index(fs->exports, 0);
+    }
+    *local = ino & G_MAXUINT32;
+    return k >= 1 && k <= fs->exports->len ? g_ptr_array_index(fs->exports, k - 1) : NULL;
 }
 
 /* The bitmap and file kind of a dirty/ inode, or NULL. */
@@ -81,10 +109,9 @@ mode_t nbdfs_node_mode(NbdfsMount *m, fuse_ino_t ino)
  * the kernel would then fetch attributes before every open, and a dirty
  * file's attributes cost a block-status walk.
  */
-static bool may_access(fuse_req_t req, NbdfsMount *m, fuse_ino_t ino, int mask)
+static bool may_access(fuse_req_t req, mode_t mode, int mask)
 {
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
-    mode_t mode = nbdfs_node_mode(m, ino);
     mode_t bits = mode & 07;
 
     if (ctx->uid == 0) {
@@ -118,7 +145,7 @@ static int open_mask(int flags)
     }
 }
 
-void nbdfs_fill_attr(NbdfsMount *m, fuse_ino_t ino, mode_t mode, struct stat *st)
+static void fill_attr(NbdfsFs *fs, fuse_ino_t ino, mode_t mode, struct stat *st)
 {
     memset(st, 0, sizeof(*st));
     st->st_ino = ino;
@@ -127,7 +154,19 @@ void nbdfs_fill_attr(NbdfsMount *m, fuse_ino_t ino, mode_t mode, struct stat *st
     st->st_uid = getuid();
     st->st_gid = getgid();
     st->st_blksize = 4096;
-    st->st_atim = st->st_mtim = st->st_ctim = m->start_time;
+    st->st_atim = st->st_mtim = st->st_ctim = fs->start_time;
+}
+
+void nbdfs_fill_attr(NbdfsMount *m, fuse_ino_t ino, mode_t mode, struct stat *st)
+{
+    fill_attr(m->fs, m->ino_base + ino, mode, st);
+}
+
+/* The top directory of --all: a subdirectory per export. */
+static void top_attr(NbdfsFs *fs, struct stat *st)
+{
+    fill_attr(fs, NBDFS_INO_ROOT, S_IFDIR | 0755, st);
+    st->st_nlink = 2 + fs->exports->len;
 }
 
 /*
@@ -187,18 +226,42 @@ static fuse_ino_t lookup_name(NbdfsMount *m, fuse_ino_t parent, const char *name
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
-    NbdfsMount *m = mount_of(req);
+    NbdfsFs *fs = fs_of(req);
     struct fuse_entry_param e = { .generation = 1, .entry_timeout = ENTRY_TIMEOUT };
+    fuse_ino_t local;
+    NbdfsMount *m;
     int err;
 
-    e.ino = lookup_name(m, parent, name);
-    if (!e.ino) {
+    if (is_top(fs, parent)) {
+        /* An export's directory: known without opening the export. */
+        for (guint i = 0; i < fs->exports->len; i++) {
+            m = g_ptr_array_index(fs->exports, i);
+            if (strcmp(name, m->dir_name) == 0) {
+                e.ino = m->ino_base + NBDFS_INO_ROOT;
+                node_attr(m, NBDFS_INO_ROOT, true, &e.attr, &e.attr_timeout);
+                fuse_reply_entry(req, &e);
+                return;
+            }
+        }
         fuse_reply_err(req, ENOENT);
         return;
     }
-    err = node_attr(m, e.ino, true, &e.attr, &e.attr_timeout);
+    m = export_of(fs, parent, &local);
+    if (!m) {
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    err = nbdfs_fs_export_ready(m);
+    local = err ? 0 : lookup_name(m, local, name);
+    if (!err && !local) {
+        err = ENOENT;
+    }
+    if (!err) {
+        e.ino = m->ino_base + local;
+        err = node_attr(m, local, true, &e.attr, &e.attr_timeout);
+    }
     if (err) {
-        fuse_reply_err(req, nbdfs_errno(err));
+        fuse_reply_err(req, err == ENOENT ? ENOENT : nbdfs_errno(err));
         return;
     }
     fuse_reply_entry(req, &e);
@@ -206,11 +269,27 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 
 static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
+    NbdfsFs *fs = fs_of(req);
     struct stat st;
-    double timeout;
-    int err = node_attr(mount_of(req), ino, false, &st, &timeout);
+    double timeout = ENTRY_TIMEOUT;
+    fuse_ino_t local;
+    NbdfsMount *m = export_of(fs, ino, &local);
+    int err = 0;
 
     (void)fi;
+    if (is_top(fs, ino)) {
+        top_attr(fs, &st);
+    } else if (!m) {
+        err = ENOENT;
+    } else {
+        /* An export's directory is known without opening the export. */
+        if (local != NBDFS_INO_ROOT) {
+            err = nbdfs_fs_export_ready(m);
+        }
+        if (!err) {
+            err = node_attr(m, local, false, &st, &timeout);
+        }
+    }
     if (err) {
         fuse_reply_err(req, err == ENOENT ? ENOENT : nbdfs_errno(err));
         return;
@@ -221,13 +300,19 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
                        struct fuse_file_info *fi)
 {
+    fuse_ino_t local;
+    NbdfsMount *m = export_of(fs_of(req), ino, &local);
+    int err;
+
     (void)fi;
     if (fuse_req_ctx(req)->uid != 0 && fuse_req_ctx(req)->uid != getuid()) {
         fuse_reply_err(req, EPERM);            /* only the owner changes attributes */
-    } else if (ino == NBDFS_INO_EXPORT) {
-        nbdfs_export_setattr(req, mount_of(req), attr, to_set);
-    } else {
+    } else if (!m || local != NBDFS_INO_EXPORT) {
         fuse_reply_err(req, EPERM);
+    } else if ((err = nbdfs_fs_export_ready(m)) != 0) {
+        fuse_reply_err(req, err);
+    } else {
+        nbdfs_export_setattr(req, m, attr, to_set);
     }
 }
 
@@ -247,36 +332,11 @@ static bool add_entry(fuse_req_t req, GByteArray *buf, size_t size, const char *
     return true;
 }
 
-static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-                       struct fuse_file_info *fi)
+/* Reply to a READDIR of SIZE bytes from OFF: ".", "..", then NAMES with INOS. */
+static void reply_dir(fuse_req_t req, fuse_ino_t ino, fuse_ino_t parent, size_t size, off_t off,
+                      GPtrArray *names, GArray *inos, GArray *modes)
 {
-    NbdfsMount *m = mount_of(req);
     g_autoptr(GByteArray) buf = g_byte_array_new();
-    g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
-    g_autoptr(GArray) inos = g_array_new(FALSE, FALSE, sizeof(fuse_ino_t));
-    fuse_ino_t parent;
-
-    (void)fi;
-    if (ino == NBDFS_INO_ROOT) {
-        fuse_ino_t export = NBDFS_INO_EXPORT, dirty = NBDFS_INO_DIRTY;
-        parent = NBDFS_INO_ROOT;
-        g_ptr_array_add(names, g_strdup(m->file_name));
-        g_array_append_val(inos, export);
-        g_ptr_array_add(names, g_strdup("dirty"));
-        g_array_append_val(inos, dirty);
-    } else if (ino == NBDFS_INO_DIRTY) {
-        parent = NBDFS_INO_ROOT;
-        for (guint i = 0; i < m->bitmaps->len; i++) {
-            for (int kind = 0; kind < NBDFS_DIRTY_KINDS; kind++) {
-                fuse_ino_t child = NBDFS_INO_FIRST_BITMAP + NBDFS_DIRTY_KINDS * i + kind;
-                g_ptr_array_add(names, dirty_name(g_ptr_array_index(m->bitmaps, i), kind));
-                g_array_append_val(inos, child);
-            }
-        }
-    } else {
-        fuse_reply_err(req, ENOTDIR);
-        return;
-    }
 
     /* Offsets: 0 ".", 1 "..", 2 + i the i-th child. */
     for (off_t i = off; i < (off_t)names->len + 2; i++) {
@@ -286,9 +346,9 @@ static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         } else if (i == 1) {
             fits = add_entry(req, buf, size, "..", parent, S_IFDIR, i + 1);
         } else {
-            fuse_ino_t child = g_array_index(inos, fuse_ino_t, i - 2);
-            fits = add_entry(req, buf, size, g_ptr_array_index(names, i - 2), child,
-                             child == NBDFS_INO_DIRTY ? S_IFDIR : S_IFREG, i + 1);
+            fits = add_entry(req, buf, size, g_ptr_array_index(names, i - 2),
+                             g_array_index(inos, fuse_ino_t, i - 2),
+                             g_array_index(modes, mode_t, i - 2), i + 1);
         }
         if (!fits) {
             break;
@@ -297,34 +357,112 @@ static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     fuse_reply_buf(req, (const char *)buf->data, buf->len);
 }
 
+static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                       struct fuse_file_info *fi)
+{
+    NbdfsFs *fs = fs_of(req);
+    g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GArray) inos = g_array_new(FALSE, FALSE, sizeof(fuse_ino_t));
+    g_autoptr(GArray) modes = g_array_new(FALSE, FALSE, sizeof(mode_t));
+    mode_t dir = S_IFDIR, reg = S_IFREG;
+    fuse_ino_t local, child;
+    NbdfsMount *m;
+    int err;
+
+    (void)fi;
+    if (is_top(fs, ino)) {
+        for (guint i = 0; i < fs->exports->len; i++) {
+            m = g_ptr_array_index(fs->exports, i);
+            child = m->ino_base + NBDFS_INO_ROOT;
+            g_ptr_array_add(names, g_strdup(m->dir_name));
+            g_array_append_val(inos, child);
+            g_array_append_val(modes, dir);
+        }
+        reply_dir(req, ino, ino, size, off, names, inos, modes);
+        return;
+    }
+    m = export_of(fs, ino, &local);
+    if (!m || (local != NBDFS_INO_ROOT && local != NBDFS_INO_DIRTY)) {
+        fuse_reply_err(req, m ? ENOTDIR : ENOENT);
+        return;
+    }
+    err = nbdfs_fs_export_ready(m);
+    if (err) {
+        fuse_reply_err(req, err);
+        return;
+    }
+    if (local == NBDFS_INO_ROOT) {
+        child = m->ino_base + NBDFS_INO_EXPORT;
+        g_ptr_array_add(names, g_strdup(m->file_name));
+        g_array_append_val(inos, child);
+        g_array_append_val(modes, reg);
+        child = m->ino_base + NBDFS_INO_DIRTY;
+        g_ptr_array_add(names, g_strdup("dirty"));
+        g_array_append_val(inos, child);
+        g_array_append_val(modes, dir);
+    } else {
+        for (guint i = 0; i < m->bitmaps->len; i++) {
+            for (int kind = 0; kind < NBDFS_DIRTY_KINDS; kind++) {
+                child = m->ino_base + NBDFS_INO_FIRST_BITMAP + NBDFS_DIRTY_KINDS * i + kind;
+                g_ptr_array_add(names, dirty_name(g_ptr_array_index(m->bitmaps, i), kind));
+                g_array_append_val(inos, child);
+                g_array_append_val(modes, reg);
+            }
+        }
+    }
+    /* The parent of an export's directory is the top one (itself without --all). */
+    reply_dir(req, ino, local == NBDFS_INO_ROOT ? NBDFS_INO_ROOT : m->ino_base + NBDFS_INO_ROOT,
+              size, off, names, inos, modes);
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    NbdfsMount *m = mount_of(req);
+    fuse_ino_t local;
+    NbdfsMount *m = export_of(fs_of(req), ino, &local);
     NbdfsDirtyKind kind;
     NbdfsContext *bitmap;
+    int err;
 
-    if (ino >= NBDFS_INO_EXPORT && ino != NBDFS_INO_DIRTY &&
-        !may_access(req, m, ino, open_mask(fi->flags))) {
+    if (!m || local == NBDFS_INO_ROOT || local == NBDFS_INO_DIRTY) {
+        fuse_reply_err(req, m || is_top(fs_of(req), ino) ? EISDIR : ENOENT);
+    } else if ((err = nbdfs_fs_export_ready(m)) != 0) {
+        fuse_reply_err(req, err);
+    } else if (!may_access(req, nbdfs_node_mode(m, local), open_mask(fi->flags))) {
         fuse_reply_err(req, EACCES);
-    } else if (ino == NBDFS_INO_EXPORT) {
+    } else if (local == NBDFS_INO_EXPORT) {
         nbdfs_export_open(req, m, fi);
-    } else if ((bitmap = dirty_node(m, ino, &kind))) {
+    } else if ((bitmap = dirty_node(m, local, &kind))) {
         nbdfs_dirty_open(req, m, bitmap, kind, fi);
     } else {
-        fuse_reply_err(req, ino == NBDFS_INO_ROOT || ino == NBDFS_INO_DIRTY ? EISDIR : ENOENT);
+        fuse_reply_err(req, ENOENT);
     }
+}
+
+/*
+ * The export of an open file INO (only open exports have open files) and
+ * its number there.
+ */
+static NbdfsMount *open_export_of(fuse_req_t req, fuse_ino_t ino, fuse_ino_t *local)
+{
+    NbdfsMount *m = export_of(fs_of(req), ino, local);
+
+    if (!m) {
+        *local = 0;
+    }
+    return m;
 }
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                     struct fuse_file_info *fi)
 {
-    NbdfsMount *m = mount_of(req);
+    fuse_ino_t local;
+    NbdfsMount *m = open_export_of(req, ino, &local);
     NbdfsDirtyKind kind;
     NbdfsContext *bitmap;
 
-    if (ino == NBDFS_INO_EXPORT) {
+    if (local == NBDFS_INO_EXPORT) {
         nbdfs_export_read(req, m, size, off);
-    } else if ((bitmap = dirty_node(m, ino, &kind))) {
+    } else if (m && (bitmap = dirty_node(m, local, &kind))) {
         nbdfs_dirty_read(req, m, bitmap, kind, size, off, fi);
     } else {
         fuse_reply_err(req, EISDIR);
@@ -334,8 +472,11 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                      struct fuse_file_info *fi)
 {
-    if (ino == NBDFS_INO_EXPORT) {
-        nbdfs_export_write(req, mount_of(req), buf, size, off, fi);
+    fuse_ino_t local;
+    NbdfsMount *m = open_export_of(req, ino, &local);
+
+    if (local == NBDFS_INO_EXPORT) {
+        nbdfs_export_write(req, m, buf, size, off, fi);
     } else {
         fuse_reply_err(req, EBADF);
     }
@@ -343,8 +484,11 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    if (ino == NBDFS_INO_EXPORT) {
-        nbdfs_export_flush(req, mount_of(req), fi);
+    fuse_ino_t local;
+    NbdfsMount *m = open_export_of(req, ino, &local);
+
+    if (local == NBDFS_INO_EXPORT) {
+        nbdfs_export_flush(req, m, fi);
     } else {
         fuse_reply_err(req, 0);
     }
@@ -352,8 +496,11 @@ static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    if (ino == NBDFS_INO_EXPORT) {
-        nbdfs_export_release(mount_of(req), fi);
+    fuse_ino_t local;
+    NbdfsMount *m = open_export_of(req, ino, &local);
+
+    if (local == NBDFS_INO_EXPORT) {
+        nbdfs_export_release(m, fi);
     } else {
         nbdfs_dirty_release(fi);
     }
@@ -362,9 +509,12 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 
 static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
 {
+    fuse_ino_t local;
+    NbdfsMount *m = open_export_of(req, ino, &local);
+
     (void)datasync;
-    if (ino == NBDFS_INO_EXPORT) {
-        nbdfs_export_fsync(req, mount_of(req), fi);
+    if (local == NBDFS_INO_EXPORT) {
+        nbdfs_export_fsync(req, m, fi);
     } else {
         fuse_reply_err(req, 0);
     }
@@ -373,8 +523,11 @@ static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
 static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
                          struct fuse_file_info *fi)
 {
-    if (ino == NBDFS_INO_EXPORT) {
-        nbdfs_export_fallocate(req, mount_of(req), mode, offset, length, fi);
+    fuse_ino_t local;
+    NbdfsMount *m = open_export_of(req, ino, &local);
+
+    if (local == NBDFS_INO_EXPORT) {
+        nbdfs_export_fallocate(req, m, mode, offset, length, fi);
     } else {
         fuse_reply_err(req, EBADF);
     }
@@ -383,15 +536,16 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
 static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
                      struct fuse_file_info *fi)
 {
-    NbdfsMount *m = mount_of(req);
+    fuse_ino_t local;
+    NbdfsMount *m = open_export_of(req, ino, &local);
     NbdfsDirtyKind kind;
     NbdfsContext *bitmap;
 
     if (whence != SEEK_DATA && whence != SEEK_HOLE) {
         fuse_reply_err(req, EINVAL);
-    } else if (ino == NBDFS_INO_EXPORT) {
+    } else if (local == NBDFS_INO_EXPORT) {
         nbdfs_export_lseek(req, m, off, whence);
-    } else if ((bitmap = dirty_node(m, ino, &kind))) {
+    } else if (m && (bitmap = dirty_node(m, local, &kind))) {
         nbdfs_dirty_lseek(req, m, bitmap, kind, off, whence, fi);
     } else {
         fuse_reply_err(req, EINVAL);
@@ -400,30 +554,50 @@ static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
 
 static void op_access(fuse_req_t req, fuse_ino_t ino, int mask)
 {
-    NbdfsMount *m = mount_of(req);
+    NbdfsFs *fs = fs_of(req);
+    fuse_ino_t local;
+    NbdfsMount *m = export_of(fs, ino, &local);
     NbdfsDirtyKind kind;
+    int err = 0;
 
-    if (ino > NBDFS_INO_DIRTY && !dirty_node(m, ino, &kind)) {
-        fuse_reply_err(req, ENOENT);
-    } else if ((mask & W_OK) && (ino == NBDFS_INO_EXPORT ? m->read_only : ino != NBDFS_INO_ROOT)) {
-        fuse_reply_err(req, ino == NBDFS_INO_EXPORT ? EROFS : EACCES);
+    if (is_top(fs, ino) || (m && local == NBDFS_INO_ROOT)) {
+        /* Directories: known without opening the export. */
+        err = may_access(req, S_IFDIR | 0755, mask) ? 0 : EACCES;
+    } else if (!m) {
+        err = ENOENT;
+    } else if ((err = nbdfs_fs_export_ready(m)) != 0) {
+        /* err */
+    } else if (local > NBDFS_INO_DIRTY && !dirty_node(m, local, &kind)) {
+        err = ENOENT;
+    } else if ((mask & W_OK) && (local != NBDFS_INO_EXPORT || m->read_only)) {
+        err = local == NBDFS_INO_EXPORT ? EROFS : EACCES;
     } else {
-        fuse_reply_err(req, may_access(req, m, ino, mask) ? 0 : EACCES);
+        err = may_access(req, nbdfs_node_mode(m, local), mask) ? 0 : EACCES;
     }
+    fuse_reply_err(req, err);
 }
 
 static void op_statfs(fuse_req_t req, fuse_ino_t ino)
 {
-    NbdfsMount *m = mount_of(req);
+    NbdfsFs *fs = fs_of(req);
     struct statvfs st = {
         .f_bsize = 4096,
         .f_frsize = 4096,
-        .f_blocks = m->size / 4096,
-        .f_files = NBDFS_INO_FIRST_BITMAP - 1 + NBDFS_DIRTY_KINDS * m->bitmaps->len,
+        .f_files = fs->all,        /* the top directory */
         .f_namemax = 255,
     };
 
     (void)ino;
+    /* What is known without opening anything. */
+    for (guint i = 0; i < fs->exports->len; i++) {
+        NbdfsMount *m = g_ptr_array_index(fs->exports, i);
+        if (nbdfs_fs_export_is_open(m)) {
+            st.f_blocks += m->size / 4096;
+            st.f_files += NBDFS_INO_FIRST_BITMAP - 1 + NBDFS_DIRTY_KINDS * m->bitmaps->len;
+        } else {
+            st.f_files += 1;
+        }
+    }
     fuse_reply_statfs(req, &st);
 }
 

@@ -46,7 +46,7 @@
 enum { SOURCE_FUSE, SOURCE_STOP };
 
 typedef struct {
-    NbdfsMount *m;
+    NbdfsFs *fs;
     GThread *thread;
     int epfd;
     struct fuse_buf fbuf;
@@ -81,7 +81,7 @@ static void signal_fd(int fd)
 /* Read and dispatch one FUSE request: 1, 0 if none was waiting, -1 at the end. */
 static int serve_request(FuseThread *t)
 {
-    struct fuse_session *se = t->m->session;
+    struct fuse_session *se = t->fs->session;
     int r = fuse_session_receive_buf(se, &t->fbuf);
 
     if (r == -EAGAIN || r == -EINTR) {
@@ -114,7 +114,7 @@ static bool serve_requests(FuseThread *t)
 static gpointer fuse_thread(gpointer data)
 {
     FuseThread *t = data;
-    int fuse_fd = fuse_session_fd(t->m->session);
+    int fuse_fd = fuse_session_fd(t->fs->session);
     bool serving = true;
 
     current = t;
@@ -136,7 +136,7 @@ static gpointer fuse_thread(gpointer data)
                 /* Tell the main thread; stop watching a device that stays readable. */
                 serving = false;
                 epoll_ctl(t->epfd, EPOLL_CTL_DEL, fuse_fd, NULL);
-                signal_fd(t->m->ended_fd);
+                signal_fd(t->fs->ended_fd);
             }
         }
     }
@@ -158,13 +158,13 @@ static bool add_source(int epfd, int fd, uint32_t events, uint32_t source, GErro
 }
 
 /* Wait for the end: true if a signal asked for it (the mount is still there). */
-static bool wait_for_end(NbdfsMount *m, int sfd)
+static bool wait_for_end(NbdfsFs *fs, int sfd)
 {
     for (;;) {
         struct pollfd pfd[3] = {
             { .fd = sfd, .events = POLLIN },
-            { .fd = m->ended_fd, .events = POLLIN },
-            { .fd = m->control_fd, .events = POLLIN },
+            { .fd = fs->ended_fd, .events = POLLIN },
+            { .fd = fs->control_fd, .events = POLLIN },
         };
         if (poll(pfd, 3, -1) < 0) {
             if (errno != EINTR) {
@@ -174,7 +174,7 @@ static bool wait_for_end(NbdfsMount *m, int sfd)
             continue;
         }
         if (pfd[2].revents & POLLIN) {
-            nbdfs_control_accept(m);
+            nbdfs_control_accept(fs);
         }
         if (pfd[1].revents & POLLIN) {
             g_debug("unmounted");
@@ -191,12 +191,12 @@ static bool wait_for_end(NbdfsMount *m, int sfd)
 }
 
 /* Write back the page cache of the mount while the FUSE threads still serve. */
-static void sync_mount(NbdfsMount *m)
+static void sync_mount(NbdfsFs *fs)
 {
-    int fd = open(m->mountpoint, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int fd = open(fs->mountpoint, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 
     if (fd < 0 || syncfs(fd) < 0) {
-        g_warning("%s: writing back cached data: %s", m->mountpoint, g_strerror(errno));
+        g_warning("%s: writing back cached data: %s", fs->mountpoint, g_strerror(errno));
     }
     if (fd >= 0) {
         close(fd);
@@ -216,20 +216,21 @@ static bool wait_requests(NbdfsMount *m, gint64 deadline)
     return idle;
 }
 
-/* Steps 3 and 4 of the orderly stop. */
+/* Steps 3 and 4 of the orderly stop, for one export. */
 static bool finish_requests(NbdfsMount *m, GError **error)
 {
     gint64 deadline = g_get_monotonic_time() + ((gint64)m->timeout + 1) * G_USEC_PER_SEC;
 
     if (!wait_requests(m, deadline)) {
-        g_warning("requests still in flight after %u s: cutting the connections",
-                  m->timeout + 1);
+        g_warning("%s%srequests still in flight after %u s: cutting the connections",
+                  m->dir_name ? m->dir_name : "", m->dir_name ? ": " : "", m->timeout + 1);
         for (unsigned i = 0; i < m->n_conns; i++) {
             nbdfs_conn_abort(m->conns[i]);
         }
         if (!wait_requests(m, g_get_monotonic_time() + ABORT_GRACE_S * G_USEC_PER_SEC)) {
             g_set_error(error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT,
-                        "requests still in flight after the connections were cut");
+                        "%s%srequests still in flight after the connections were cut",
+                        m->dir_name ? m->dir_name : "", m->dir_name ? ": " : "");
             return false;
         }
     }
@@ -243,9 +244,9 @@ static bool finish_requests(NbdfsMount *m, GError **error)
     return true;
 }
 
-int nbdfs_loop_run(NbdfsMount *m, const sigset_t *stop_signals, GError **error)
+int nbdfs_loop_run(NbdfsFs *fs, const sigset_t *stop_signals, GError **error)
 {
-    int fuse_fd = fuse_session_fd(m->session);
+    int fuse_fd = fuse_session_fd(fs->session);
     FuseThread threads[FUSE_THREADS] = { { 0 } };
     int sfd = signalfd(-1, stop_signals, SFD_CLOEXEC);
     int stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -265,7 +266,7 @@ int nbdfs_loop_run(NbdfsMount *m, const sigset_t *stop_signals, GError **error)
     }
     for (unsigned i = 0; i < FUSE_THREADS && status == 0; i++) {
         FuseThread *t = &threads[i];
-        t->m = m;
+        t->fs = fs;
         t->epfd = epoll_create1(EPOLL_CLOEXEC);
         if (t->epfd < 0 ||
             !add_source(t->epfd, fuse_fd, EPOLLIN | EPOLLEXCLUSIVE, SOURCE_FUSE, error) ||
@@ -277,11 +278,12 @@ int nbdfs_loop_run(NbdfsMount *m, const sigset_t *stop_signals, GError **error)
     }
 
     if (status == 0) {
-        signalled = wait_for_end(m, sfd);
+        signalled = wait_for_end(fs, sfd);
         if (signalled) {
-            sync_mount(m);                                   /* 1 */
+            sync_mount(fs);                                  /* 1 */
         }
     }
+    nbdfs_fs_stop_opening(fs);
     signal_fd(stop_fd);                                      /* 2 */
     for (unsigned i = 0; i < FUSE_THREADS; i++) {
         if (threads[i].thread) {
@@ -292,11 +294,16 @@ int nbdfs_loop_run(NbdfsMount *m, const sigset_t *stop_signals, GError **error)
         }
         free(threads[i].fbuf.mem);
     }
-    if (!finish_requests(m, status == 0 ? error : NULL)) {   /* 3, 4 */
-        status = -1;
+    for (guint i = 0; i < fs->exports->len; i++) {
+        NbdfsMount *m = g_ptr_array_index(fs->exports, i);
+        if (nbdfs_fs_export_is_open(m) &&
+            !finish_requests(m, status == 0 ? error : NULL)) {   /* 3, 4 */
+            status = -1;
+        }
     }
-    nbdfs_client_stop_reconnect(m);
-    nbdfs_client_stop(m);                                    /* 5 */
+    for (guint i = 0; i < fs->exports->len; i++) {
+        nbdfs_fs_close_export(g_ptr_array_index(fs->exports, i));   /* 5 */
+    }
 out:
     if (sfd >= 0) {
         close(sfd);

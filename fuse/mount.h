@@ -6,9 +6,10 @@
  * NBD connection, request deadlines) -> nbd-client.c (sources, handshake,
  * reconnection, FUSE requests served by NBD commands) -> write-behind.c
  * (writes in flight) -> open-files.c (write errors and durability per open
- * file) -> block-status.c (extent queries over extent-cache.c) -> inodes.c
- * (the fixed tree) -> ops-export.c (the export file) -> ops-dirty.c (the
- * dirty/ files) -> control.c (`nbdfs umount` waiting for the daemon).
+ * file) -> block-status.c (extent queries over extent-cache.c) -> exports.c
+ * (one export, or --all) -> inodes.c (the tree) -> ops-export.c (the
+ * export file) -> ops-dirty.c (the dirty/ files) -> control.c (`nbdfs
+ * umount` waiting for the daemon).
  *
  * THREAD MODEL.  It is deadlock-free by construction; every rule below is
  * what makes it so, so keep them.
@@ -37,6 +38,11 @@
  *   is a leaf, except a connection's handle_lock, which FUSE threads hold
  *   (for reading) only around one nbd_aio_* call and which no callback
  *   takes.
+ *
+ *   With --all an export is opened by the first FUSE thread that needs it
+ *   (exports.c): that thread drives the new handles' handshakes itself,
+ *   bounded by --timeout, and holds no lock meanwhile; other FUSE threads
+ *   wanting the same export wait on open_cond for that bounded open.
  *
  *   The main thread (loop.c) only waits for the end (unmount, a signal) and
  *   runs the orderly stop; the reconnect thread (nbd-client.c) makes new
@@ -110,8 +116,14 @@ typedef struct {
  */
 NbdfsSource *nbdfs_source_open(const char *spec, char **command, bool read_only,
                                const char *format, GError **error);
-/* Start connecting H to SRC (the handshake follows: nbdfs_source_connect). */
-bool nbdfs_source_dial(NbdfsSource *src, struct nbd_handle *h, GError **error);
+/*
+ * Start connecting H to SRC (the handshake follows: nbdfs_source_connect),
+ * asking for EXPORT_NAME (NULL: the one the source names).
+ */
+bool nbdfs_source_dial(NbdfsSource *src, const char *export_name, struct nbd_handle *h,
+                       GError **error);
+/* The NBD URI URI asking for the export NAME instead; NULL if URI cannot be parsed. */
+char *nbdfs_uri_with_export(const char *uri, const char *name);
 /* Socket buffers for maximal FUSE writes in one send. */
 void nbdfs_enlarge_socket_buffers(int fd);
 /* Stop serving: a local image is flushed, its bitmaps saved; false if that failed. */
@@ -122,11 +134,24 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(NbdfsSource, nbdfs_source_free)
 /* A handle with our settings; OPT_MODE stops the handshake before NBD_OPT_GO. */
 struct nbd_handle *nbdfs_handle_new(bool opt_mode, GError **error);
 /*
- * Connect H to SRC and wait until it negotiates or is ready: at most
- * TIMEOUT_S seconds, and no longer than until CANCEL_FD (if >= 0) is readable.
+ * Connect H to SRC, asking for EXPORT_NAME (NULL: the source's), and wait
+ * until it negotiates or is ready: at most TIMEOUT_S seconds, and no longer
+ * than until CANCEL_FD (if >= 0) is readable.
  */
-bool nbdfs_source_connect(NbdfsSource *src, struct nbd_handle *h, unsigned timeout_s,
-                          int cancel_fd, GError **error);
+bool nbdfs_source_connect(NbdfsSource *src, const char *export_name, struct nbd_handle *h,
+                          unsigned timeout_s, int cancel_fd, GError **error);
+/*
+ * The exports H (negotiating) lists with NBD_OPT_LIST, as NbdfsExportEntry;
+ * NULL with ERROR if the server will not list them.
+ */
+typedef struct {
+    char *name;
+    char *description;             /* NULL if none */
+} NbdfsExportEntry;
+void nbdfs_export_entry_free(NbdfsExportEntry *e);
+GPtrArray *nbdfs_list_exports(struct nbd_handle *h, unsigned timeout_s, GError **error);
+/* Leave negotiation politely (NBD_OPT_ABORT), waiting two seconds at most. */
+void nbdfs_end_negotiation(struct nbd_handle *h);
 
 /* Completion of an asynchronous option, polled with nbdfs_option_wait(). */
 typedef struct {
@@ -248,9 +273,26 @@ typedef struct {
 
 typedef struct NbdfsPending NbdfsPending;
 typedef struct NbdfsFile NbdfsFile;
+typedef struct NbdfsFs NbdfsFs;
 
+/* exports.c: an export's life in the mount (--all opens them on first use). */
+typedef enum {
+    NBDFS_EXPORT_CLOSED,
+    NBDFS_EXPORT_OPENING,          /* a FUSE thread is connecting */
+    NBDFS_EXPORT_OPEN,
+    NBDFS_EXPORT_FAILED,           /* tried again after a pause */
+} NbdfsExportState;
+
+/* One export of the mount (the mount's only one, or one directory under --all). */
 struct NbdfsMount {
-    NbdfsSource *source;
+    NbdfsFs *fs;
+    fuse_ino_t ino_base;           /* its inode numbers: ino_base + those of inodes.c */
+    char *dir_name;                /* --all: its directory; NULL otherwise */
+    char *ask_name;                /* the export name asked for; NULL: the source's */
+    NbdfsExportState state;        /* fs->open_lock */
+    gint64 failed_at;              /* monotonic us, when FAILED */
+
+    NbdfsSource *source;           /* the fs's */
     NbdfsConn **conns;
     unsigned n_conns;
     guint next_conn;               /* round robin */
@@ -289,17 +331,60 @@ struct NbdfsMount {
     bool reconnect_stop;
     int reconnect_cancel_fd;       /* eventfd: ends a handshake in progress */
 
-    /* The file system. */
-    struct fuse_session *session;
-    char *mountpoint;
     char *file_name;
     bool keep_cache;               /* nobody else can change the export */
+};
+
+/* The file system: one export, or (--all) a directory per export of a server. */
+struct NbdfsFs {
+    NbdfsSource *source;
+    bool all;
+    GPtrArray *exports;            /* NbdfsMount *, in the server's order */
+    GMutex open_lock;              /* the exports' state */
+    GCond open_cond;               /* an export finished opening */
+    bool stopping;                 /* open_lock: open no more exports */
+
+    /* What the command line asked of every export. */
+    char *file_name;               /* --name */
+    bool read_only;
+    unsigned connections;
+    unsigned timeout;
+
+    struct fuse_session *session;
+    char *mountpoint;
     struct timespec start_time;
     int ready_fd;                  /* background mode: told once FUSE is initialised */
     int ended_fd;                  /* eventfd: a FUSE thread saw the session end */
     int control_fd;                /* control.c: listening for `nbdfs umount` */
     GArray *control_waiters;       /* control.c: their connections (int) */
 };
+
+/* ---- exports.c ---- */
+
+/* An export of FS asking for ASK_NAME (NULL: the source's), not connected yet. */
+NbdfsMount *nbdfs_fs_add_export(NbdfsFs *fs, const char *ask_name, const char *dir_name);
+/*
+ * Connect to it and start its threads; the file name comes from --name, the
+ * image or the export's name.
+ */
+bool nbdfs_fs_open_export(NbdfsMount *m, GError **error);
+/*
+ * --all: open the export on first use (a FUSE thread, bounded by the
+ * timeout; others wanting it wait for that one).  0, or the errno to reply.
+ */
+int nbdfs_fs_export_ready(NbdfsMount *m);
+/*
+ * --all: one export per name the server lists, each with a directory name
+ * made safe and unique.  False with ERROR if it lists none or will not.
+ */
+bool nbdfs_fs_list_exports(NbdfsFs *fs, GError **error);
+/* Is M open?  (After the FUSE threads ended, or under fs->open_lock.) */
+bool nbdfs_fs_export_is_open(NbdfsMount *m);
+/* Stop opening exports: the orderly stop began. */
+void nbdfs_fs_stop_opening(NbdfsFs *fs);
+/* Stop the export's threads and connections (the source stays). */
+void nbdfs_fs_close_export(NbdfsMount *m);
+void nbdfs_fs_free_export(NbdfsMount *m);
 
 /*
  * Open CONNECTIONS handles to m->source (fewer if the server does not allow
@@ -411,7 +496,7 @@ void nbdfs_io_unref(NbdfsIo *io);
  * (at most --timeout), FLUSH what was written, disconnect.  The caller then
  * unmounts and destroys the session.  Returns 0, or -1 with ERROR.
  */
-int nbdfs_loop_run(NbdfsMount *m, const sigset_t *stop_signals, GError **error);
+int nbdfs_loop_run(NbdfsFs *fs, const sigset_t *stop_signals, GError **error);
 /*
  * The buffer (malloc'd by libfuse) holding the request being served, if DATA
  * points into it: the caller now owns it and frees it.  Saves copying a write.
@@ -567,11 +652,11 @@ void nbdfs_dirty_release(struct fuse_file_info *fi);
  * The daemon answers each waiter, after everything is released, with its
  * final messages and "status N".
  */
-bool nbdfs_control_listen(NbdfsMount *m, const char *device, GError **error);
+bool nbdfs_control_listen(NbdfsFs *fs, const char *device, GError **error);
 /* A waiter connected (control_fd readable): accept it. */
-void nbdfs_control_accept(NbdfsMount *m);
+void nbdfs_control_accept(NbdfsFs *fs);
 /* Tell every waiter MESSAGES (lines) and STATUS, and close. */
-void nbdfs_control_finish(NbdfsMount *m, const char *messages, int status);
+void nbdfs_control_finish(NbdfsFs *fs, const char *messages, int status);
 /* The client: connect to the daemon of the mount on DEVICE ("MAJ:MIN"); -1 on error. */
 int nbdfs_control_connect(const char *device, GError **error);
 /* Wait (TIMEOUT_S at most) for the daemon's status; its messages go to MESSAGES. */

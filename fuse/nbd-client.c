@@ -126,7 +126,8 @@ static bool poll_until(struct nbd_handle *h, bool (*done)(struct nbd_handle *, v
             }
             continue;
         }
-        if (poll(pfd, 2, (int)MIN(left / 1000 + 1, G_MAXINT)) < 0) {
+        /* Slices of 250 ms: DONE may watch more than the socket (a server's death). */
+        if (poll(pfd, 2, (int)MIN(left / 1000 + 1, 250)) < 0) {
             if (errno == EINTR) {
                 continue;
             }
@@ -153,28 +154,82 @@ static bool poll_until(struct nbd_handle *h, bool (*done)(struct nbd_handle *, v
 
 static bool handshake_done(struct nbd_handle *h, void *data)
 {
-    (void)data;
-    return !nbd_aio_is_connecting(h);
+    NbdfsSource *src = data;
+    g_autofree char *died = NULL;
+
+    if (!nbd_aio_is_connecting(h)) {
+        return true;
+    }
+    /* A server started for us that died will never answer (its socket is ours). */
+    died = src->spawned ? nbdfs_spawn_exit_reason(src->spawned) : NULL;
+    return died != NULL;
 }
 
-bool nbdfs_source_connect(NbdfsSource *src, struct nbd_handle *h, unsigned timeout_s,
-                          int cancel_fd, GError **error)
+bool nbdfs_source_connect(NbdfsSource *src, const char *export_name, struct nbd_handle *h,
+                          unsigned timeout_s, int cancel_fd, GError **error)
 {
-    if (!nbdfs_source_dial(src, h, error)) {
+    if (!nbdfs_source_dial(src, export_name, h, error)) {
         return false;
     }
-    if (!poll_until(h, handshake_done, NULL, "cannot connect", timeout_s, cancel_fd, error) ||
-        (!nbd_aio_is_negotiating(h) && !nbd_aio_is_ready(h) &&
-         (nbdfs_set_nbd_error(error, "handshake failed"), true))) {
+    if (!poll_until(h, handshake_done, src, "cannot connect", timeout_s, cancel_fd, error) ||
+        (!nbd_aio_is_negotiating(h) && !nbd_aio_is_ready(h))) {
         /* A server started for us that died says more than the closed socket. */
         g_autofree char *why = src->spawned ? nbdfs_spawn_exit_reason(src->spawned) : NULL;
         if (why) {
-            g_prefix_error(error, "%s: ", why);
+            g_clear_error(error);
+            g_set_error(error, G_IO_ERROR, G_IO_ERROR_FAILED, "%s", why);
+        } else if (error && !*error) {
+            nbdfs_set_nbd_error(error, "handshake failed");
         }
         return false;
     }
     nbdfs_enlarge_socket_buffers(nbd_aio_get_fd(h));
     return true;
+}
+
+void nbdfs_export_entry_free(NbdfsExportEntry *e)
+{
+    g_free(e->name);
+    g_free(e->description);
+    g_free(e);
+}
+
+static int collect_export(void *data, const char *name, const char *description)
+{
+    NbdfsExportEntry *e = g_new0(NbdfsExportEntry, 1);
+
+    e->name = g_strdup(name);
+    e->description = description && description[0] ? g_strdup(description) : NULL;
+    g_ptr_array_add(data, e);
+    return 0;
+}
+
+GPtrArray *nbdfs_list_exports(struct nbd_handle *h, unsigned timeout_s, GError **error)
+{
+    g_autoptr(GPtrArray) entries =
+        g_ptr_array_new_with_free_func((GDestroyNotify)nbdfs_export_entry_free);
+    NbdfsOption opt;
+
+    if (!nbdfs_option_wait(h, nbd_aio_opt_list(h, (nbd_list_callback){
+                                                   .callback = collect_export,
+                                                   .user_data = entries },
+                                               nbdfs_option_callback(&opt)),
+                           &opt, "NBD_OPT_LIST", timeout_s, error)) {
+        return NULL;
+    }
+    return g_steal_pointer(&entries);
+}
+
+void nbdfs_end_negotiation(struct nbd_handle *h)
+{
+    gint64 deadline = g_get_monotonic_time() + 2 * G_USEC_PER_SEC;
+
+    if (nbd_aio_opt_abort(h) == -1) {
+        return;
+    }
+    while (!nbd_aio_is_closed(h) && !nbd_aio_is_dead(h) &&
+           g_get_monotonic_time() < deadline && nbd_poll(h, 100) != -1) {
+    }
 }
 
 static int option_done(void *data, int *error)
@@ -441,7 +496,7 @@ static struct nbd_handle *connect_another(NbdfsMount *m, int cancel_fd, GError *
         return NULL;
     }
     request_contexts(m, h);
-    if (!nbdfs_source_connect(m->source, h, m->timeout, cancel_fd, error) ||
+    if (!nbdfs_source_connect(m->source, m->ask_name, h, m->timeout, cancel_fd, error) ||
         !poll_until(h, ready_or_dead, NULL, "cannot connect", m->timeout, cancel_fd, error)) {
         nbd_close(h);
         return NULL;
@@ -475,7 +530,7 @@ bool nbdfs_client_connect(NbdfsMount *m, unsigned connections, GError **error)
     if (!h) {
         return false;
     }
-    if (!nbdfs_source_connect(m->source, h, m->timeout, -1, error)) {
+    if (!nbdfs_source_connect(m->source, m->ask_name, h, m->timeout, -1, error)) {
         nbd_close(h);
         return false;
     }

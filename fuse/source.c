@@ -203,9 +203,36 @@ NbdfsSource *nbdfs_source_open(const char *spec, char **command, bool read_only,
     return g_steal_pointer(&src);
 }
 
-bool nbdfs_source_dial(NbdfsSource *src, struct nbd_handle *h, GError **error)
+char *nbdfs_uri_with_export(const char *uri, const char *name)
 {
+    g_autoptr(GUri) parsed = g_uri_parse(uri, G_URI_FLAGS_ENCODED | G_URI_FLAGS_NON_DNS, NULL);
+    g_autoptr(GUri) built = NULL;
+    g_autofree char *escaped = NULL;
+    g_autofree char *path = NULL;
+
+    if (!parsed) {
+        return NULL;
+    }
+    /* The path is "/" and the export name, percent-encoded ('/' may stay). */
+    escaped = g_uri_escape_string(name, "/", FALSE);
+    path = g_strconcat("/", escaped, NULL);
+    built = g_uri_build(G_URI_FLAGS_ENCODED | G_URI_FLAGS_NON_DNS, g_uri_get_scheme(parsed),
+                        g_uri_get_userinfo(parsed), g_uri_get_host(parsed),
+                        g_uri_get_port(parsed), path, g_uri_get_query(parsed),
+                        g_uri_get_fragment(parsed));
+    return g_uri_to_string(built);
+}
+
+bool nbdfs_source_dial(NbdfsSource *src, const char *export_name, struct nbd_handle *h,
+                       GError **error)
+{
+    g_autofree char *uri = NULL;
     int r;
+
+    if (export_name && !src->server && nbd_set_export_name(h, export_name) == -1) {
+        nbdfs_set_nbd_error(error, "export name");
+        return false;
+    }
 
     if (src->server) {
         int sv[2];
@@ -225,7 +252,14 @@ bool nbdfs_source_dial(NbdfsSource *src, struct nbd_handle *h, GError **error)
         }
         r = nbd_aio_connect_unix(h, nbdfs_spawn_socket(src->spawned));
     } else {
-        r = nbd_aio_connect_uri(h, src->spec);
+        /* The URI names an export; another one is asked for by rewriting it. */
+        uri = export_name ? nbdfs_uri_with_export(src->spec, export_name) : g_strdup(src->spec);
+        if (!uri) {
+            g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                        "%s: not a URI that can name another export", src->spec);
+            return false;
+        }
+        r = nbd_aio_connect_uri(h, uri);
     }
     if (r == -1) {
         nbdfs_set_nbd_error(error, "cannot connect");

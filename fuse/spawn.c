@@ -37,6 +37,7 @@ struct NbdfsSpawned {
     int listen_fd;
     GMutex lock;                   /* pid (the reconnect thread restarts it) */
     pid_t pid;
+    int status;                    /* how it ended, once reaped (pid 0) */
     unsigned starts;
 };
 
@@ -74,7 +75,9 @@ static gpointer logger_thread(gpointer data)
     char line[4096];
 
     while (f && fgets(line, sizeof(line), f)) {
-        g_message("%s: %s", lp->name, g_strchomp(line));
+        /* Named once: "qemu-nbd: ..." from qemu-nbd is not prefixed again. */
+        bool named = g_str_has_prefix(line, lp->name) && line[strlen(lp->name)] == ':';
+        g_message("%s%s%s", named ? "" : lp->name, named ? "" : ": ", g_strchomp(line));
     }
     if (f) {
         fclose(f);
@@ -170,10 +173,14 @@ static bool exited_locked(NbdfsSpawned *s, int *status)
     int st;
 
     if (s->pid <= 0) {
+        if (status) {
+            *status = s->status;
+        }
         return true;
     }
     if (waitpid(s->pid, &st, WNOHANG) == s->pid) {
         s->pid = 0;
+        s->status = st;
         if (status) {
             *status = st;
         }

@@ -78,6 +78,20 @@ class MountConventionsTest(t.TestCase):
         self.check_mounted()
         self.umount()
 
+    def test_fstab_line_with_every_export(self):
+        self.install_helper()
+        other = t.make_image(self.path("other.img"), MiB)
+        srv = self.start_nbdfs([self.image, other], "-r", name="two")
+        fstab = self.path("fstab")
+        with open(fstab, "w") as f:
+            f.write("%s %s fuse.nbdfs all,ro 0 0\n" % (srv.uri(), self.mnt))
+        run(["mount", "-T", fstab, self.mnt])
+        self.assertEqual(sorted(os.listdir(self.mnt)), ["disk.img", "other.img"])
+        with open(os.path.join(self.mnt, "disk.img", "disk.img"), "rb") as f:
+            f.seek(MiB)
+            self.assertEqual(f.read(5), b"fstab")
+        self.umount()
+
     def test_mount_fuse3_route(self):
         # Without the helper, mount.fuse3 runs 'nbdfs SOURCE MOUNTPOINT -o OPTIONS' from PATH.
         env = dict(os.environ, PATH=os.path.dirname(NBDFS) + ":" + os.environ["PATH"])

@@ -68,7 +68,7 @@ class MountErrorTest(t.TestCase):
         self.assert_refused(["--name", "dirty", self.image, self.mnt], "--name", "dirty")
 
     def test_missing_arguments(self):
-        self.assert_refused([self.image], "SOURCE and MOUNTPOINT")
+        self.assert_refused([self.image], "expected SOURCE MOUNTPOINT")
 
     def test_server_unreachable(self):
         sock = self.path("nobody.sock")

@@ -568,26 +568,41 @@ class ReconnectIdentityTest(t.TestCase):
 
 
 class ImageFormatTest(t.TestCase):
-    """A local image of another format is never served as its raw bytes."""
+    """A local image of another format is never served as its raw bytes: the
+    mount shows its virtual disk (through qemu-nbd), the server refuses it."""
 
     FORMATS = {
         "qcow2": [], "qcow": [], "vmdk": [], "vdi": [], "vhdx": [], "vpc": [], "qed": [],
-        "luks": ["--object", "secret,id=sec0,data=secret", "-o", "key-secret=sec0"],
     }
 
-    def test_formats_are_refused_by_name(self):
+    def test_formats_show_the_virtual_disk_or_are_refused(self):
         os.mkdir(self.path("mnt"))
         for fmt, opts in self.FORMATS.items():
             image = self.path("disk." + fmt)
             run(["qemu-img", "create", "-q", "-f", fmt, *opts, image, "8M"])
-            p = run([t.NBDFS, "mount", image, self.path("mnt")], check=False)
-            self.assertEqual(p.returncode, 1, fmt)
-            self.assertIn("this is a %s image, not a raw one" % fmt, p.stderr)
-            self.assertIn("--format raw", p.stderr)
-            self.assertFalse(t.is_mounted(self.path("mnt")))
+            virtual = json.loads(run(["qemu-img", "info", "--output=json", image]).stdout)
+            m = self.mount(image, "-r", mountpoint=self.path("mnt"))
+            self.assertEqual(m.files(), ["dirty", "disk.raw"], fmt)
+            self.assertEqual(os.path.getsize(m.path("disk.raw")), virtual["virtual-size"], fmt)
+            self.assertEqual(m.unmount(), 0, fmt)
             p = run([t.NBDFS, "serve", "-U", self.path("s.sock"), image], check=False)
             self.assertEqual(p.returncode, 1, fmt)
             self.assertIn("this is a %s image" % fmt, p.stderr)
+
+    def test_image_qemu_cannot_open_fails_at_once(self):
+        # A LUKS image needs its key: qemu-nbd says so and exits; the mount
+        # fails at once with its words, and leaves nothing mounted.
+        image = self.path("disk.luks")
+        run(["qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=sec0,data=secret",
+             "-o", "key-secret=sec0", image, "8M"])
+        os.mkdir(self.path("mnt"))
+        start = time.monotonic()
+        p = run([t.NBDFS, "mount", image, self.path("mnt")], check=False)
+        self.assertLess(time.monotonic() - start, 10)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("key-secret", p.stderr)
+        self.assertIn("qemu-nbd exited with status 1", p.stderr)
+        self.assertFalse(t.is_mounted(self.path("mnt")))
 
     def test_format_raw_mounts_the_container_bytes(self):
         image = self.path("disk.qcow2")
@@ -598,9 +613,11 @@ class ImageFormatTest(t.TestCase):
         with open(m.path("disk.qcow2"), "rb") as f:
             self.assertEqual(f.read(4), b"QFI\xfb")
         self.assertEqual(m.unmount(), 0)
-        p = run([t.NBDFS, "mount", "--format", "qcow2", image, self.path("mnt")], check=False)
+        os.mkdir(self.path("mnt2"))
+        p = run([t.NBDFS, "mount", "--format", "bogus", image, self.path("mnt2")], check=False)
         self.assertEqual(p.returncode, 1)
-        self.assertIn("--format: 'qcow2' is not supported", p.stderr)
+        self.assertIn("Unknown driver 'bogus'", p.stderr)
+        self.assertFalse(t.is_mounted(self.path("mnt2")))
 
 
 if __name__ == "__main__":

@@ -400,14 +400,17 @@ class Daemon:
         return "nbd+unix:///%s?socket=%s" % (export, self.sock)
 
 
-def _start_nbd_server(tc, image, export="disk", name="nbd-server"):
-    """nbd-server serving IMAGE as EXPORT on a unix socket only (it then opens no TCP
-    port).  It daemonizes: its pid file tells which process to stop."""
+def _start_nbd_server(tc, image, export="disk", name="nbd-server", more=(), allowlist=True):
+    """nbd-server serving IMAGE as EXPORT, and each (EXPORT, IMAGE) of MORE, on a
+    unix socket only (it then opens no TCP port).  It daemonizes: its pid file
+    tells which process to stop."""
     sock = tc.path(name + ".sock")
     conf = tc.path(name + ".conf")
     with open(conf, "w") as f:
-        f.write("[generic]\nunixsock = %s\nallowlist = true\n\n"
-                "[%s]\nexportname = %s\ntrim = true\nflush = true\n" % (sock, export, image))
+        f.write("[generic]\nunixsock = %s\nallowlist = %s\n\n"
+                % (sock, "true" if allowlist else "false"))
+        for e, i in [(export, image), *more]:
+            f.write("[%s]\nexportname = %s\ntrim = true\nflush = true\n\n" % (e, i))
     srv = Daemon(tc.path(name + ".pid"), sock)
     tc.addCleanup(srv.stop)
     run(["nbd-server", "-C", conf, "-p", srv.pid_file])
