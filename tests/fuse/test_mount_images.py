@@ -64,6 +64,13 @@ class Qcow2Test(t.TestCase):
         image = self.make_qcow2()
         raw = self.path("reference.raw")
         run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, raw])
+        # What qemu itself says of the bitmaps, through its own server and nbdinfo.
+        sock = self.path("ref.sock")
+        ref = t.Server(["qemu-nbd", "-r", "-f", "qcow2", "-B", "b0", "-B", "b1", "-k", sock,
+                        "--persistent", image], sock, self.path("ref.err"))
+        expected = {b: json.loads(run(["nbdinfo", "--map=qemu:dirty-bitmap:" + b, "--json",
+                                       ref.uri()]).stdout) for b in ("b0", "b1")}
+        ref.stop()
         m = self.mount(image)
         self.assertEqual(m.files(), ["dirty", "vm.raw"])
         disk = m.path("vm.raw")
@@ -73,6 +80,9 @@ class Qcow2Test(t.TestCase):
         self.assertEqual(t.data_extents_by_lseek(disk), qemu_map_data(image, "qcow2"))
         self.assertEqual(sorted(os.listdir(m.path("dirty"))),
                          ["b0.img", "b0.json", "b0.map", "b1.img", "b1.json", "b1.map"])
+        for b in ("b0", "b1"):
+            with open(m.path("dirty", b + ".json")) as f:
+                self.assertEqual(json.load(f), expected[b], b)
         with open(m.path("dirty", "b0.map")) as f:
             self.assertEqual(f.read(), "31457280 65536\n")
         with open(m.path("dirty", "b1.map")) as f:
