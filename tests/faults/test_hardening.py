@@ -23,6 +23,10 @@ from hostile import rc
 from nbdfs_test import NBDFS, run
 
 KiB, MiB = 1 << 10, 1 << 20
+# The longest another client may wait on a server under attack.  Alone on this
+# machine the worst read takes 10-20 ms, even under ASan (a server with no
+# bounds: 6 s); the bound leaves room for a sanitized suite run in parallel.
+STALL_BOUND = 2.0
 SEEDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fuzz", "seeds",
                      "sidecar")
 
@@ -67,7 +71,7 @@ class SlowClientsTest(t.TestCase):
                p99_ms="%.2f" % (latencies[len(latencies) * 99 // 100] * 1000),
                worst_ms="%.1f" % (latencies[-1] * 1000),
                server_rss_mib="%.0f (base %.0f)" % (peak, base))
-        self.assertLess(latencies[-1], 1.0, "a 4 KiB read waited behind slow readers")
+        self.assertLess(latencies[-1], STALL_BOUND, "a 4 KiB read waited behind slow readers")
         # --max-buffered is 256 MiB by default: the slow readers cannot make it hold more.
         self.assertLess(peak - base, 256 + 32)
 
@@ -96,9 +100,7 @@ class SlowClientsTest(t.TestCase):
         report("3 clients x 64 block-status requests, 9 contexts x 131k extents, unread",
                server_growth_mib="%.0f" % (peak - base), other_worst_read_ms="%.1f" % (latency * 1000))
         self.assertLess(peak - base, 256 + 32)
-        # Alone on this machine the worst read takes 10-20 ms (an unbounded
-        # server: seconds); the bound leaves room for a suite run in parallel.
-        self.assertLess(latency, 2.0)
+        self.assertLess(latency, STALL_BOUND)
 
 
 class ThreadLimitTest(t.TestCase):
