@@ -291,6 +291,7 @@ int nbdfs_cmd_serve(int argc, char **argv)
         .tls_psk = o.tls_psk,
         .tls_verify_peer = o.tls_verify_peer,
         .tls_psk_user = o.tls_psk_user,
+        .control = true,
     }, &error);
     if (!server) {
         nbdfs_error("serve", "%s", error->message);
@@ -329,6 +330,12 @@ int nbdfs_cmd_serve(int argc, char **argv)
         nbdfs_error("serve", "--pid-file: %s", error->message);
         status = 1;
         goto out;
+    }
+    /* After the fork: threads do not survive it. */
+    if (!nbds_server_start_control(server, &error)) {
+        g_warning("'nbdfs bitmap' and 'nbdfs backup' cannot reach this server: %s",
+                  error->message);
+        g_clear_error(&error);
     }
     stop_fd = signalfd(-1, &mask, SFD_CLOEXEC);
     if (stop_fd < 0) {

@@ -185,8 +185,10 @@ NbdfsSource *nbdfs_source_open(const char *spec, char **command, bool read_only,
         src->server = nbds_server_new(&(NbdsServerConfig){
             .read_only = read_only,
             .any_format = format != NULL,
+            .control = true,       /* `nbdfs bitmap` works on a mounted image too */
         }, error);
-        if (!src->server || !nbds_server_add_export(src->server, src->image, error)) {
+        if (!src->server || !nbds_server_add_export(src->server, src->image, error) ||
+            !nbds_server_start_control(src->server, error)) {
             return NULL;
         }
         return g_steal_pointer(&src);

@@ -73,6 +73,7 @@ struct NbdsBitmapSet {
     NbdsImage *image;
     uint64_t size;                 /* the image's size */
     GPtrArray *bitmaps;            /* NbdsBitmap * */
+    GPtrArray *removed;            /* NbdsBitmap *: removed while served, still read */
     const char *inconsistent_reason;
     int fd;                        /* the sidecar while served for writing, else -1 */
     GMutex sync_lock;
@@ -119,6 +120,7 @@ void nbds_bitmaps_free(NbdsBitmapSet *set)
         close(set->dirfd);
     }
     g_ptr_array_unref(set->bitmaps);
+    g_ptr_array_unref(set->removed);
     g_mutex_clear(&set->sync_lock);
     g_free(set->path);
     g_free(set->name);
@@ -307,7 +309,94 @@ bool nbds_bitmaps_add(NbdsBitmapSet *set, const char *name, uint32_t granularity
 
 void nbds_bitmaps_remove(NbdsBitmapSet *set, NbdsBitmap *bm)
 {
-    g_ptr_array_remove(set->bitmaps, bm);
+    guint i;
+
+    /* Kept until the set is freed: clients of a server may still be reading it. */
+    if (g_ptr_array_find(set->bitmaps, bm, &i)) {
+        g_ptr_array_add(set->removed, g_ptr_array_steal_index(set->bitmaps, i));
+    }
+}
+
+static const char *const edit_names[] = {
+    [NBDS_BITMAP_ADD] = "add", [NBDS_BITMAP_REMOVE] = "remove", [NBDS_BITMAP_CLEAR] = "clear",
+    [NBDS_BITMAP_ENABLE] = "enable", [NBDS_BITMAP_DISABLE] = "disable",
+};
+
+const char *nbds_bitmap_edit_name(NbdsBitmapEdit edit)
+{
+    return edit_names[edit];
+}
+
+bool nbds_bitmap_edit_parse(const char *name, NbdsBitmapEdit *edit)
+{
+    for (size_t i = 0; i < G_N_ELEMENTS(edit_names); i++) {
+        if (strcmp(name, edit_names[i]) == 0) {
+            *edit = (NbdsBitmapEdit)i;
+            return true;
+        }
+    }
+    return false;
+}
+
+NbdsBitmap *nbds_bitmaps_edit(NbdsBitmapSet *set, NbdsBitmapEdit edit, const char *name,
+                              uint32_t granularity, GError **error)
+{
+    NbdsBitmap *bm;
+
+    if (edit == NBDS_BITMAP_ADD) {
+        return nbds_bitmaps_add(set, name, granularity, error) ? nbds_bitmaps_find(set, name)
+                                                               : NULL;
+    }
+    bm = nbds_bitmaps_find(set, name);
+    if (!bm) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_NOT_FOUND, "no bitmap named '%s'", name);
+        return NULL;
+    }
+    switch (edit) {
+    case NBDS_BITMAP_REMOVE:
+        nbds_bitmaps_remove(set, bm);
+        break;
+    case NBDS_BITMAP_CLEAR:
+        nbds_bitmap_clear(set, bm);
+        break;
+    case NBDS_BITMAP_ENABLE:
+    case NBDS_BITMAP_DISABLE:
+        nbds_bitmap_set_enabled(bm, edit == NBDS_BITMAP_ENABLE);
+        break;
+    case NBDS_BITMAP_ADD:
+        g_assert_not_reached();
+    }
+    return bm;
+}
+
+NbdsBitmap *nbds_bitmap_copy(const NbdsBitmap *bm, uint64_t size)
+{
+    NbdsBitmap *copy = bitmap_new(bm->name, bm->granularity, size);
+
+    for (uint64_t w = 0; w < bm->nwords; w++) {
+        copy->words[w] = __atomic_load_n(&bm->words[w], __ATOMIC_RELAXED);
+    }
+    copy->inconsistent = bm->inconsistent;
+    copy->enabled = false;
+    return copy;
+}
+
+void nbds_bitmap_merge(NbdsBitmap *into, const NbdsBitmap *from)
+{
+    g_assert(into->nwords == from->nwords && into->granularity == from->granularity);
+    for (uint64_t w = 0; w < from->nwords; w++) {
+        uint64_t bits = __atomic_load_n(&from->words[w], __ATOMIC_RELAXED);
+        if (bits) {
+            __atomic_fetch_or(&into->words[w], bits, __ATOMIC_RELAXED);
+            __atomic_store_n(&into->page_dirty[w / WORDS_PER_PAGE], 1, __ATOMIC_RELEASE);
+        }
+    }
+    into->inconsistent |= from->inconsistent;
+}
+
+void nbds_bitmap_free(NbdsBitmap *bm)
+{
+    bitmap_free(bm);
 }
 
 void nbds_bitmap_clear(NbdsBitmapSet *set, NbdsBitmap *bm)
@@ -506,6 +595,19 @@ static bool save(NbdsBitmapSet *set, bool in_use, GError **error)
 bool nbds_bitmaps_save(NbdsBitmapSet *set, GError **error)
 {
     return save(set, false, error);
+}
+
+NbdsBitmap *nbds_bitmaps_edit_in_use(NbdsBitmapSet *set, NbdsBitmapEdit edit, const char *name,
+                                     uint32_t granularity, bool *saved, GError **error)
+{
+    NbdsBitmap *bm;
+
+    /* A FLUSH's sync walks the same list. */
+    g_mutex_lock(&set->sync_lock);
+    bm = nbds_bitmaps_edit(set, edit, name, granularity, error);
+    *saved = bm && save(set, true, error);
+    g_mutex_unlock(&set->sync_lock);
+    return bm;
 }
 
 int nbds_bitmaps_sync(NbdsBitmapSet *set)
@@ -735,6 +837,7 @@ NbdsBitmapSet *nbds_bitmaps_new(const char *path, uint64_t size)
     set->size = size;
     set->fd = -1;
     set->bitmaps = g_ptr_array_new_with_free_func((GDestroyNotify)bitmap_free);
+    set->removed = g_ptr_array_new_with_free_func((GDestroyNotify)bitmap_free);
     g_mutex_init(&set->sync_lock);
     return set;
 }

@@ -91,7 +91,39 @@ int nbds_bitmaps_sync(NbdsBitmapSet *set);
 /* Dirty status (bit 0) of BM over e's range, merged and granularity-aligned. */
 int nbds_bitmap_extents(NbdsBitmapSet *set, const NbdsBitmap *bm, NbdsExtents *e);
 
-/* Edits (the bitmap command; the image must not be served).  Saved by nbds_bitmaps_save. */
+/*
+ * Edits: by the bitmap command on an image nobody serves (then saved by
+ * nbds_bitmaps_save), or by the server holding the image, with no write
+ * running (then saved by nbds_bitmaps_save_in_use).  A bitmap removed while
+ * served stays readable until the set is freed: clients may still read it.
+ */
+typedef enum {
+    NBDS_BITMAP_ADD,
+    NBDS_BITMAP_REMOVE,
+    NBDS_BITMAP_CLEAR,
+    NBDS_BITMAP_ENABLE,
+    NBDS_BITMAP_DISABLE,
+} NbdsBitmapEdit;
+
+const char *nbds_bitmap_edit_name(NbdsBitmapEdit edit);
+bool nbds_bitmap_edit_parse(const char *name, NbdsBitmapEdit *edit);
+/* Apply EDIT to the bitmap NAME (GRANULARITY: for ADD); the bitmap, or NULL with ERROR. */
+NbdsBitmap *nbds_bitmaps_edit(NbdsBitmapSet *set, NbdsBitmapEdit edit, const char *name,
+                              uint32_t granularity, GError **error);
+/*
+ * The same on a set loaded for writing, while served (no write may run):
+ * the sidecar is rewritten, still in use; *SAVED tells whether that worked
+ * (else ERROR says why, and the edit stands: it is saved at the close).
+ */
+NbdsBitmap *nbds_bitmaps_edit_in_use(NbdsBitmapSet *set, NbdsBitmapEdit edit, const char *name,
+                                     uint32_t granularity, bool *saved, GError **error);
+
+/* A frozen copy of BM (for a backup view: not in any set, never marked). */
+NbdsBitmap *nbds_bitmap_copy(const NbdsBitmap *bm, uint64_t size);
+/* Set in INTO every bit set in FROM (a copy of it): an aborted backup's changes go back. */
+void nbds_bitmap_merge(NbdsBitmap *into, const NbdsBitmap *from);
+void nbds_bitmap_free(NbdsBitmap *bm);
+
 bool nbds_bitmap_name_valid(const char *name, GError **error);
 bool nbds_bitmaps_add(NbdsBitmapSet *set, const char *name, uint32_t granularity,
                       GError **error);

@@ -129,8 +129,8 @@ bool nbds_block_status_reply(NbdsConn *c, const NbdsRequest *req, uint64_t lengt
     struct iovec iov;
 
     if (n_ids == 0) {
-        all = g_new(uint32_t, exp->contexts->len);
-        for (guint id = 0; id < exp->contexts->len; id++) {
+        all = g_new(uint32_t, c->meta_len);
+        for (guint id = 0; id < c->meta_len; id++) {
             if (c->meta_selected[id]) {
                 all[n_ids++] = id;
             }
@@ -142,7 +142,7 @@ bool nbds_block_status_reply(NbdsConn *c, const NbdsRequest *req, uint64_t lengt
      * freed); nothing is sent before all are, so an error still comes first.
      */
     for (size_t i = 0; i < n_ids; i++) {
-        NbdsMetaContext *ctx = g_ptr_array_index(exp->contexts, ids[i]);
+        NbdsMetaContext *ctx = nbds_meta_context_get(exp, ids[i]);
         g_autoptr(NbdsExtents) e = nbds_extents_new(req->offset, length, max,
                                                     c->mode != NBDS_MODE_EXTENDED);
         int err = ctx->extents(exp, ctx, e);

@@ -28,6 +28,16 @@
 #define NBDS_REQUEST_OVERHEAD    4096u
 
 typedef struct NbdsConn NbdsConn;
+typedef struct NbdsImageControl NbdsImageControl;
+
+/* ---- image-control.c ---- */
+
+/* A control socket for EXP's image (IMAGE.control); the thread starts later. */
+bool nbds_image_control_add(NbdsServer *s, NbdsExport *exp, GError **error);
+/* Close and remove the control sockets; no command runs after it returns. */
+void nbds_image_control_stop(NbdsServer *s);
+/* Append an "info" line of words (NULL-terminated) to a command's answer. */
+void nbds_control_info(GString *out, const char *first, ...) G_GNUC_NULL_TERMINATED;
 
 /* ---- tls.c ---- */
 
@@ -84,12 +94,22 @@ struct NbdsMetaContext {
     char *name;                    /* "base:allocation", "qemu:dirty-bitmap:b0" */
     NbdsExtentsFn extents;
     gpointer opaque;
+    bool removed;                  /* offered no more; still answered to who has it */
 };
 
 void nbds_meta_context_free(NbdsMetaContext *ctx);
 void nbds_meta_add_base_allocation(NbdsExport *exp);
 /* One qemu:dirty-bitmap:NAME context per bitmap of exp->bitmaps. */
 void nbds_meta_add_bitmaps(NbdsExport *exp);
+/*
+ * A bitmap added or removed while served: contexts are only ever appended
+ * (ids stay valid for connected clients); a removed one is offered no more
+ * but still answers the clients that selected it.
+ */
+void nbds_meta_add_bitmap(NbdsExport *exp, NbdsBitmap *bm);
+void nbds_meta_remove_bitmap(NbdsExport *exp, NbdsBitmap *bm);
+/* The context with id ID (< what the caller negotiated). */
+NbdsMetaContext *nbds_meta_context_get(NbdsExport *exp, uint32_t id);
 
 /* Handle NBD_OPT_LIST_META_CONTEXT / SET_META_CONTEXT; DATA is the whole option. */
 int nbds_meta_handle_option(NbdsConn *c, uint32_t option, const uint8_t *data,
@@ -105,8 +125,16 @@ struct NbdsExport {
     NbdsImage *image;
     NbdsBitmapSet *bitmaps;        /* dirty bitmaps of the image (may be empty) */
     bool read_only;
+    GRWLock contexts_lock;         /* contexts: appended while served */
     GPtrArray *contexts;           /* NbdsMetaContext *, index = context id */
+    /*
+     * Held shared by every write-type request around its marks and its I/O,
+     * exclusively by a command that must see no write half done (a bitmap
+     * edit, a backup's start): a write is wholly before or after it.
+     */
+    GRWLock gate;
 };
+
 
 struct NbdsServer {
     NbdsServerConfig config;
@@ -124,7 +152,11 @@ struct NbdsServer {
 
     NbdsBudget budget;             /* bytes held for all clients */
     NbdsTls *tls;                  /* credentials, when TLS is offered */
+    NbdsImageControl *control;     /* the images' control sockets, or NULL */
 };
+
+/* A listening unix socket at PATH with permissions MODE (born owner-only); -1 on error. */
+int nbds_listen_unix_path(const char *path, unsigned mode, GError **error);
 
 /* The export NAME, or NULL.  "" is the default export. */
 NbdsExport *nbds_server_find_export(NbdsServer *server, const char *name);
@@ -149,7 +181,8 @@ struct NbdsConn {
 
     /* Metadata context selection (meta-context.c). */
     NbdsExport *meta_export;       /* the export named by the last SET, or NULL */
-    bool *meta_selected;           /* [meta_export->contexts->len] */
+    bool *meta_selected;           /* [meta_len]: by context id */
+    unsigned meta_len;             /* contexts the export had at the SET */
     unsigned meta_count;           /* how many are selected */
 
     /*

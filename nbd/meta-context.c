@@ -14,6 +14,11 @@
  * are indexes into the export's registry, so they are stable for the life of
  * the connection.  Unknown namespaces and names are ignored, as the protocol
  * requires.
+ *
+ * The registry grows while served (a bitmap added through the control
+ * socket) and is never shortened: a removed context is only marked, so the
+ * ids connected clients hold keep their meaning.  It is read under
+ * contexts_lock, briefly, never across a socket write.
  */
 #include "internal.h"
 
@@ -51,25 +56,69 @@ static int dirty_bitmap_extents(NbdsExport *exp, const NbdsMetaContext *ctx, Nbd
     return nbds_bitmap_extents(exp->bitmaps, ctx->opaque, e);
 }
 
+void nbds_meta_add_bitmap(NbdsExport *exp, NbdsBitmap *bm)
+{
+    NbdsMetaContext *ctx = g_new0(NbdsMetaContext, 1);
+    NbdsBitmapInfo info;
+
+    nbds_bitmap_info(exp->bitmaps, bm, &info);
+    ctx->name = g_strconcat("qemu:dirty-bitmap:", info.name, NULL);
+    ctx->extents = dirty_bitmap_extents;
+    ctx->opaque = bm;
+    g_rw_lock_writer_lock(&exp->contexts_lock);
+    g_ptr_array_add(exp->contexts, ctx);
+    g_rw_lock_writer_unlock(&exp->contexts_lock);
+}
+
 void nbds_meta_add_bitmaps(NbdsExport *exp)
 {
     for (guint i = 0; i < nbds_bitmaps_count(exp->bitmaps); i++) {
-        NbdsBitmap *bm = nbds_bitmaps_get(exp->bitmaps, i);
-        NbdsBitmapInfo info;
-        NbdsMetaContext *ctx = g_new0(NbdsMetaContext, 1);
-
-        nbds_bitmap_info(exp->bitmaps, bm, &info);
-        ctx->name = g_strconcat("qemu:dirty-bitmap:", info.name, NULL);
-        ctx->extents = dirty_bitmap_extents;
-        ctx->opaque = bm;
-        g_ptr_array_add(exp->contexts, ctx);
+        nbds_meta_add_bitmap(exp, nbds_bitmaps_get(exp->bitmaps, i));
     }
+}
+
+void nbds_meta_remove_bitmap(NbdsExport *exp, NbdsBitmap *bm)
+{
+    g_rw_lock_writer_lock(&exp->contexts_lock);
+    for (guint i = 0; i < exp->contexts->len; i++) {
+        NbdsMetaContext *ctx = g_ptr_array_index(exp->contexts, i);
+        if (ctx->extents == dirty_bitmap_extents && ctx->opaque == bm) {
+            ctx->removed = true;
+        }
+    }
+    g_rw_lock_writer_unlock(&exp->contexts_lock);
+}
+
+NbdsMetaContext *nbds_meta_context_get(NbdsExport *exp, uint32_t id)
+{
+    NbdsMetaContext *ctx;
+
+    g_rw_lock_reader_lock(&exp->contexts_lock);
+    ctx = g_ptr_array_index(exp->contexts, id);
+    g_rw_lock_reader_unlock(&exp->contexts_lock);
+    return ctx;
+}
+
+/* The contexts offered now, by id; NULL where one was removed. */
+static GPtrArray *offered_contexts(NbdsExport *exp)
+{
+    GPtrArray *snap;
+
+    g_rw_lock_reader_lock(&exp->contexts_lock);
+    snap = g_ptr_array_sized_new(exp->contexts->len);
+    for (guint i = 0; i < exp->contexts->len; i++) {
+        NbdsMetaContext *ctx = g_ptr_array_index(exp->contexts, i);
+        g_ptr_array_add(snap, ctx->removed ? NULL : ctx);
+    }
+    g_rw_lock_reader_unlock(&exp->contexts_lock);
+    return snap;
 }
 
 void nbds_meta_clear(NbdsConn *c)
 {
     g_clear_pointer(&c->meta_selected, g_free);
     c->meta_export = NULL;
+    c->meta_len = 0;
     c->meta_count = 0;
 }
 
@@ -89,6 +138,7 @@ int nbds_meta_handle_option(NbdsConn *c, uint32_t option, const uint8_t *data, u
     uint32_t namelen, nqueries, pos;
     g_autofree char *name = NULL;
     g_autofree bool *match = NULL;
+    g_autoptr(GPtrArray) offered = NULL;
     unsigned count = 0;
     NbdsExport *exp;
 
@@ -124,10 +174,11 @@ int nbds_meta_handle_option(NbdsConn *c, uint32_t option, const uint8_t *data, u
         return nbds_opt_error(c, option, NBDS_REP_ERR_UNKNOWN, "export '%.*s' not found",
                               128, name) ? 0 : -1;
     }
-    match = g_new0(bool, exp->contexts->len);
+    offered = offered_contexts(exp);
+    match = g_new0(bool, offered->len);
     if (nqueries == 0 && is_list) {
-        for (guint i = 0; i < exp->contexts->len; i++) {
-            match[i] = true;
+        for (guint i = 0; i < offered->len; i++) {
+            match[i] = g_ptr_array_index(offered, i) != NULL;
         }
     }
     for (uint32_t q = 0; q < nqueries; q++) {
@@ -154,9 +205,9 @@ int nbds_meta_handle_option(NbdsConn *c, uint32_t option, const uint8_t *data, u
         if (qlen > NBDS_MAX_STRING) {
             continue;          /* no context has such a name */
         }
-        for (guint i = 0; i < exp->contexts->len; i++) {
-            NbdsMetaContext *ctx = g_ptr_array_index(exp->contexts, i);
-            match[i] |= query_matches(query, qlen, ctx->name, is_list);
+        for (guint i = 0; i < offered->len; i++) {
+            NbdsMetaContext *ctx = g_ptr_array_index(offered, i);
+            match[i] |= ctx && query_matches(query, qlen, ctx->name, is_list);
         }
     }
     if (pos != len) {
@@ -164,15 +215,16 @@ int nbds_meta_handle_option(NbdsConn *c, uint32_t option, const uint8_t *data, u
                               "%s: %u bytes after the last query", what, len - pos) ? 0 : -1;
     }
 
-    for (guint i = 0; i < exp->contexts->len; i++) {
-        NbdsMetaContext *ctx = g_ptr_array_index(exp->contexts, i);
-        size_t nlen = strlen(ctx->name);
+    for (guint i = 0; i < offered->len; i++) {
+        NbdsMetaContext *ctx = g_ptr_array_index(offered, i);
+        size_t nlen;
         g_autofree uint8_t *buf = NULL;
         uint32_t id;
 
         if (!match[i]) {
             continue;
         }
+        nlen = strlen(ctx->name);
         buf = g_malloc(4 + nlen);
         id = htobe32(is_list ? 0 : i);     /* LIST ids mean nothing */
         memcpy(buf, &id, 4);
@@ -185,6 +237,7 @@ int nbds_meta_handle_option(NbdsConn *c, uint32_t option, const uint8_t *data, u
     if (!is_list) {
         c->meta_export = exp;
         c->meta_selected = g_steal_pointer(&match);
+        c->meta_len = offered->len;
         c->meta_count = count;
     }
     return nbds_opt_reply(c, option, NBDS_REP_ACK, NULL, 0) ? 0 : -1;

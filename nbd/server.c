@@ -29,6 +29,8 @@ static void export_free(NbdsExport *exp)
         return;
     }
     g_ptr_array_unref(exp->contexts);
+    g_rw_lock_clear(&exp->contexts_lock);
+    g_rw_lock_clear(&exp->gate);
     /* Not closed cleanly (no shutdown): the in-use flag stays and flags the bitmaps. */
     nbds_bitmaps_free(exp->bitmaps);
     nbds_image_close(exp->image);
@@ -142,9 +144,18 @@ NbdsExport *nbds_server_add_export(NbdsServer *s, const char *path, GError **err
     exp->bitmaps = bitmaps;
     exp->read_only = s->config.read_only;
     exp->contexts = g_ptr_array_new_with_free_func((GDestroyNotify)nbds_meta_context_free);
+    g_rw_lock_init(&exp->contexts_lock);
+    g_rw_lock_init(&exp->gate);
     nbds_meta_add_base_allocation(exp);
     nbds_meta_add_bitmaps(exp);
     g_ptr_array_add(s->exports, exp);
+    if (s->config.control && !exp->read_only) {
+        g_autoptr(GError) local = NULL;
+        if (!nbds_image_control_add(s, exp, &local)) {
+            g_warning("%s: 'nbdfs bitmap' and 'nbdfs backup' cannot reach this server",
+                      local->message);
+        }
+    }
     return exp;
 }
 
@@ -182,7 +193,7 @@ bool nbds_server_listen_fd(NbdsServer *s, int fd, GError **error)
     return true;
 }
 
-bool nbds_server_listen_unix(NbdsServer *s, const char *path, unsigned mode, GError **error)
+int nbds_listen_unix_path(const char *path, unsigned mode, GError **error)
 {
     mode_t old_umask;
     int err;
@@ -193,14 +204,14 @@ bool nbds_server_listen_unix(NbdsServer *s, const char *path, unsigned mode, GEr
     if (strlen(path) >= sizeof(sun.sun_path)) {
         g_set_error(error, G_IO_ERROR, G_IO_ERROR_FILENAME_TOO_LONG,
                     "%s: socket path is too long", path);
-        return false;
+        return -1;
     }
     strcpy(sun.sun_path, path);
     if (lstat(path, &st) == 0) {
         if (!S_ISSOCK(st.st_mode)) {
             g_set_error(error, G_IO_ERROR, G_IO_ERROR_EXISTS,
                         "%s: exists and is not a socket", path);
-            return false;
+            return -1;
         }
         /* A socket nobody answers on is left over from a dead server. */
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -208,7 +219,7 @@ bool nbds_server_listen_unix(NbdsServer *s, const char *path, unsigned mode, GEr
             close(fd);
             g_set_error(error, G_IO_ERROR, G_IO_ERROR_ADDRESS_IN_USE,
                         "%s: a server is already listening there", path);
-            return false;
+            return -1;
         }
         if (fd >= 0) {
             close(fd);
@@ -234,6 +245,16 @@ bool nbds_server_listen_unix(NbdsServer *s, const char *path, unsigned mode, GEr
         }
         g_set_error(error, G_IO_ERROR, g_io_error_from_errno(err), "%s: %s", path,
                     g_strerror(err));
+        return -1;
+    }
+    return fd;
+}
+
+bool nbds_server_listen_unix(NbdsServer *s, const char *path, unsigned mode, GError **error)
+{
+    int fd = nbds_listen_unix_path(path, mode, error);
+
+    if (fd < 0) {
         return false;
     }
     g_array_append_val(s->listen_fds, fd);
@@ -498,6 +519,8 @@ bool nbds_server_shutdown(NbdsServer *s)
         return true;
     }
     g_atomic_int_set(&s->shutting_down, 1);
+    /* No command runs past this point: the bitmaps are saved as they are. */
+    nbds_image_control_stop(s);
     for (guint i = 0; i < s->listen_fds->len; i++) {
         close(g_array_index(s->listen_fds, int, i));
     }

@@ -34,6 +34,7 @@ typedef struct {
     const char *tls_psk;           /* psktool's file */
     bool tls_verify_peer;          /* x509: client certificates signed by the CA required */
     const char *tls_psk_user;      /* PSK: only this user may connect */
+    bool control;                  /* IMAGE.control for bitmap and backup commands */
 } NbdsServerConfig;
 
 #define NBDS_DEFAULT_MAX_CONNECTIONS 128
@@ -64,6 +65,12 @@ bool nbds_server_listen_tcp(NbdsServer *server, const char *address, const char 
 bool nbds_server_listen_fd(NbdsServer *server, int fd, GError **error);
 
 /*
+ * Start answering on the images' control sockets (config.control), so that
+ * `nbdfs bitmap` and `nbdfs backup` reach this server.
+ */
+bool nbds_server_start_control(NbdsServer *server, GError **error);
+
+/*
  * Accept clients on the listening sockets until STOP_FD becomes readable (a
  * signalfd, a pipe or an eventfd), then stop accepting.
  */
@@ -81,6 +88,15 @@ void nbds_server_wait_idle(NbdsServer *server);
  */
 bool nbds_server_shutdown(NbdsServer *server);
 void nbds_server_free(NbdsServer *server);
+
+/*
+ * For `nbdfs bitmap` and `nbdfs backup`: send the request ARGV to the
+ * server holding IMAGE, through IMAGE.control; the words of each "info"
+ * line of its answer go to INFO (a GStrv each).  False with ERROR: the
+ * server's message, or why no server answers.
+ */
+bool nbds_image_control_call(const char *image, const char *const *argv, GPtrArray *info,
+                             GError **error);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(NbdsServer, nbds_server_free)
 
 #endif /* NBDS_SERVER_H */

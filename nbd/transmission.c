@@ -125,10 +125,10 @@ static uint32_t check_request(NbdsConn *c, NbdsWork *w, const uint8_t *payload,
                 *why = "block-status payload is longer than the contexts negotiated";
                 return NBDS_EINVAL;
             }
-            w->ids = g_new(uint32_t, c->export->contexts->len);
+            w->ids = g_new(uint32_t, c->meta_len);
             err = nbds_block_status_parse_payload(payload, payload_len, c->meta_selected,
-                                                  c->export->contexts->len, &w->length,
-                                                  w->ids, &w->n_ids, why);
+                                                  c->meta_len, &w->length, w->ids, &w->n_ids,
+                                                  why);
             if (err) {
                 return err;
             }
@@ -270,6 +270,30 @@ static bool reply_status(NbdsConn *c, const NbdsRequest *req, int err)
     return nbds_reply_ok(c, req);
 }
 
+/* The I/O of a write-type request (and, with FUA, its marks' sync); 0 or an errno. */
+static int write_request(NbdsConn *c, NbdsWork *w, bool fua)
+{
+    const NbdsRequest *req = &w->req;
+    NbdsImage *img = c->export->image;
+    int err;
+
+    switch (req->type) {
+    case NBDS_CMD_WRITE:
+        err = nbds_image_pwrite(img, w->data, w->length, req->offset, fua);
+        break;
+    case NBDS_CMD_TRIM:
+        err = nbds_image_trim(img, req->offset, w->length, fua);
+        break;
+    case NBDS_CMD_WRITE_ZEROES:
+        err = nbds_image_zero(img, req->offset, w->length, !(req->flags & NBDS_CMD_FLAG_NO_HOLE),
+                              req->flags & NBDS_CMD_FLAG_FAST_ZERO, fua);
+        break;
+    default:
+        g_assert_not_reached();
+    }
+    return err || !fua ? err : nbds_bitmaps_sync(c->export->bitmaps);
+}
+
 void nbds_work_run(gpointer data, gpointer user_data)
 {
     NbdsWork *w = data;
@@ -281,31 +305,23 @@ void nbds_work_run(gpointer data, gpointer user_data)
     int err;
 
     (void)user_data;
-    /* Mark before writing: no reader of a bitmap may see the data before the mark. */
     if (is_write_type(req->type)) {
+        /* Marks, I/O and FUA's sync happen inside the gate (see NbdsExport). */
+        g_rw_lock_reader_lock(&c->export->gate);
+        /* Mark before writing: no reader of a bitmap may see the data before the mark. */
         nbds_bitmaps_mark(bitmaps, req->offset, w->length);
+        err = write_request(c, w, fua);
+        g_rw_lock_reader_unlock(&c->export->gate);
+        reply_status(c, req, err);
     }
     switch (req->type) {
     case NBDS_CMD_READ:
         do_read(c, req);
         break;
-    case NBDS_CMD_WRITE:
-        err = nbds_image_pwrite(img, w->data, w->length, req->offset, fua);
-        reply_status(c, req, err || !fua ? err : nbds_bitmaps_sync(bitmaps));
-        break;
     case NBDS_CMD_FLUSH:
         /* Marks reach the disk no later than the data they describe. */
         err = nbds_bitmaps_sync(bitmaps);
         reply_status(c, req, err ? err : nbds_image_flush(img));
-        break;
-    case NBDS_CMD_TRIM:
-        err = nbds_image_trim(img, req->offset, w->length, fua);
-        reply_status(c, req, err || !fua ? err : nbds_bitmaps_sync(bitmaps));
-        break;
-    case NBDS_CMD_WRITE_ZEROES:
-        err = nbds_image_zero(img, req->offset, w->length, !(req->flags & NBDS_CMD_FLAG_NO_HOLE),
-                              req->flags & NBDS_CMD_FLAG_FAST_ZERO, fua);
-        reply_status(c, req, err || !fua ? err : nbds_bitmaps_sync(bitmaps));
         break;
     case NBDS_CMD_CACHE:
         reply_status(c, req, nbds_image_cache(img, req->offset, w->length));
@@ -313,6 +329,10 @@ void nbds_work_run(gpointer data, gpointer user_data)
     case NBDS_CMD_BLOCK_STATUS:
         nbds_block_status_reply(c, req, w->length, w->ids, w->n_ids);
         break;
+    case NBDS_CMD_WRITE:
+    case NBDS_CMD_TRIM:
+    case NBDS_CMD_WRITE_ZEROES:
+        break;                     /* done above */
     default:
         g_assert_not_reached();
     }
@@ -402,7 +422,7 @@ static bool receive_request(NbdsConn *c, const NbdsRequest *req)
      */
     keep = payload_len && (req->type == NBDS_CMD_WRITE ||
                            (req->type == NBDS_CMD_BLOCK_STATUS &&
-                            payload_len <= 8 + 4 * (uint64_t)c->export->contexts->len));
+                            payload_len <= 8 + 4 * (uint64_t)c->meta_len));
     /* Charged before its payload is read: an over-budget client stops being read. */
     cost = request_cost(c, req, keep ? payload_len : 0);
     if (!nbds_budget_reserve(c, cost)) {
