@@ -51,16 +51,17 @@ static void usage(FILE *out)
 static void print_list(GArray *infos, const char *reason, bool json, const char *image)
 {
     if (json) {
-        printf("[");
+        g_autoptr(GString) out = g_string_new("[");
         for (guint i = 0; i < infos->len; i++) {
             const NbdsBitmapInfo *info = &g_array_index(infos, NbdsBitmapInfo, i);
-            g_autofree char *name = g_strescape(info->name, NULL);
-            printf("%s\n  { \"name\": \"%s\", \"granularity\": %u, \"enabled\": %s, "
-                   "\"dirty-bytes\": %" G_GUINT64_FORMAT ", \"consistent\": %s }",
-                   i ? "," : "", name, info->granularity, info->enabled ? "true" : "false",
-                   info->dirty_bytes, info->consistent ? "true" : "false");
+            g_string_append_printf(out, "%s\n  { \"name\": ", i ? "," : "");
+            nbdfs_json_string(out, info->name);
+            g_string_append_printf(out, ", \"granularity\": %u, \"enabled\": %s, "
+                                   "\"dirty-bytes\": %" G_GUINT64_FORMAT ", \"consistent\": %s }",
+                                   info->granularity, info->enabled ? "true" : "false",
+                                   info->dirty_bytes, info->consistent ? "true" : "false");
         }
-        printf("%s]\n", infos->len ? "\n" : "");
+        printf("%s%s]\n", out->str, infos->len ? "\n" : "");
         return;
     }
     if (infos->len == 0) {
@@ -104,7 +105,9 @@ static int run_live(const char *cmdname, const char *image, const char *const *r
     const char *reason = NULL;
 
     if (!nbds_image_control_call(image, request, lines, &error)) {
-        nbdfs_error(cmdname, "%s: %s", image, error->message);
+        nbdfs_error(cmdname, "%s: %s%s", image,
+                    g_error_matches(error, G_IO_ERROR, G_IO_ERROR_NOT_CONNECTED) ?
+                    "in use by another program, and " : "", error->message);
         return 1;
     }
     if (!list) {

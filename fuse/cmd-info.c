@@ -188,27 +188,12 @@ static void print_text(struct nbd_handle *h, GPtrArray *exports)
     }
 }
 
-static void json_string(GString *out, const char *s)
-{
-    g_string_append_c(out, '"');
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p == '"' || *p == '\\') {
-            g_string_append_printf(out, "\\%c", *p);
-        } else if (*p < 0x20) {
-            g_string_append_printf(out, "\\u%04x", *p);
-        } else {
-            g_string_append_c(out, *p);
-        }
-    }
-    g_string_append_c(out, '"');
-}
-
 static void json_string_array(GString *out, GPtrArray *strings)
 {
     g_string_append_c(out, '[');
     for (guint i = 0; i < strings->len; i++) {
         g_string_append(out, i ? ", " : "");
-        json_string(out, g_ptr_array_index(strings, i));
+        nbdfs_json_string(out, g_ptr_array_index(strings, i));
     }
     g_string_append_c(out, ']');
 }
@@ -219,7 +204,7 @@ static void print_json(struct nbd_handle *h, GPtrArray *exports)
     static const char *const size_names[] = { "minimum", "preferred", "maximum" };
     g_autoptr(GString) out = g_string_new("{\n  \"protocol\": ");
 
-    json_string(out, protocol ? protocol : "unknown");
+    nbdfs_json_string(out, protocol ? protocol : "unknown");
     g_string_append_printf(out, ",\n  \"headers\": \"%s\",\n  \"tls\": %s,\n  \"exports\": [",
                            header_mode(h), nbd_get_tls_negotiated(h) == 1 ? "true" : "false");
     for (guint i = 0; i < exports->len; i++) {
@@ -227,14 +212,14 @@ static void print_json(struct nbd_handle *h, GPtrArray *exports)
         bool first = true;
 
         g_string_append(out, i ? ",\n    {\n      \"name\": " : "\n    {\n      \"name\": ");
-        json_string(out, e->name);
+        nbdfs_json_string(out, e->name);
         if (e->description) {
             g_string_append(out, ",\n      \"description\": ");
-            json_string(out, e->description);
+            nbdfs_json_string(out, e->description);
         }
         if (e->error) {
             g_string_append(out, ",\n      \"error\": ");
-            json_string(out, e->error);
+            nbdfs_json_string(out, e->error);
             g_string_append(out, "\n    }");
             continue;
         }

@@ -18,6 +18,7 @@ static const struct {
     { "serve", nbdfs_cmd_serve, "serve raw images over NBD" },
     { "info", nbdfs_cmd_info, "show what an NBD server offers" },
     { "bitmap", nbdfs_cmd_bitmap, "manage the dirty bitmaps of a raw image" },
+    { "backup", nbdfs_cmd_backup, "point-in-time backup views of an image being served" },
 };
 
 void nbdfs_error(const char *subcommand, const char *fmt, ...)
@@ -29,6 +30,21 @@ void nbdfs_error(const char *subcommand, const char *fmt, ...)
     vfprintf(stderr, fmt, ap);
     va_end(ap);
     fputc('\n', stderr);
+}
+
+void nbdfs_json_string(GString *out, const char *s)
+{
+    g_string_append_c(out, '"');
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\') {
+            g_string_append_printf(out, "\\%c", *p);
+        } else if (*p < 0x20) {
+            g_string_append_printf(out, "\\u%04x", *p);
+        } else {
+            g_string_append_c(out, *p);
+        }
+    }
+    g_string_append_c(out, '"');
 }
 
 gboolean nbdfs_parse_options(const char *subcommand, const char *params, const char *summary,

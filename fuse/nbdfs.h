@@ -12,6 +12,7 @@ int nbdfs_cmd_mount(int argc, char **argv);
 int nbdfs_cmd_umount(int argc, char **argv);
 int nbdfs_cmd_info(int argc, char **argv);
 int nbdfs_cmd_bitmap(int argc, char **argv);
+int nbdfs_cmd_backup(int argc, char **argv);
 
 /* From now on log messages go to syslog (a daemon whose stderr is gone). */
 void nbdfs_log_use_syslog(void);
@@ -39,6 +40,9 @@ gboolean nbdfs_parse_options(const char *subcommand, const char *params, const c
  * the brackets are wrong.
  */
 gboolean nbdfs_split_command(const char *subcommand, int *argc, char **argv, char ***command);
+
+/* Append S as a JSON string (UTF-8 passes through; quotes and controls escaped). */
+void nbdfs_json_string(GString *out, const char *s);
 
 /* "65536", "64K", "64KiB", "256M", "1G" -> bytes, at most MAX; FALSE if not a size. */
 gboolean nbdfs_parse_size(const char *s, guint64 max, guint64 *out);

@@ -195,10 +195,8 @@ void nbds_bitmaps_mark(NbdsBitmapSet *set, uint64_t offset, uint64_t len)
     }
     for (guint i = 0; i < set->bitmaps->len; i++) {
         NbdsBitmap *bm = g_ptr_array_index(set->bitmaps, i);
-        if (bm->enabled && !bm->inconsistent && bm->nbits) {
-            uint64_t first = offset / bm->granularity;
-            uint64_t last = MIN((offset + len - 1) / bm->granularity, bm->nbits - 1);
-            set_bits(bm, first, last);
+        if (bm->enabled && !bm->inconsistent) {
+            nbds_bitmap_set(bm, offset, len);
         }
     }
 }
@@ -210,12 +208,10 @@ int nbds_bitmap_extents(NbdsBitmapSet *set, const NbdsBitmap *bm, NbdsExtents *e
         return 0;
     }
     while (!nbds_extents_done(e)) {
-        uint64_t bit = e->next / bm->granularity;
-        bool dirty = bit_get(bm, bit);
-        uint64_t end_bit = find_bit(bm, bit + 1, !dirty);
-        uint64_t run_end = MIN(end_bit * bm->granularity, set->size);
+        uint64_t run_end = nbds_bitmap_run_end(bm, e->next, set->size);
 
-        nbds_extents_add(e, run_end - e->next, dirty ? NBDS_STATE_DIRTY : 0);
+        nbds_extents_add(e, run_end - e->next,
+                         nbds_bitmap_test(bm, e->next) ? NBDS_STATE_DIRTY : 0);
     }
     return 0;
 }
@@ -369,6 +365,14 @@ NbdsBitmap *nbds_bitmaps_edit(NbdsBitmapSet *set, NbdsBitmapEdit edit, const cha
     return bm;
 }
 
+NbdsBitmap *nbds_bitmap_new(uint32_t granularity, uint64_t size)
+{
+    NbdsBitmap *bm = bitmap_new("", granularity, size);
+
+    bm->enabled = false;
+    return bm;
+}
+
 NbdsBitmap *nbds_bitmap_copy(const NbdsBitmap *bm, uint64_t size)
 {
     NbdsBitmap *copy = bitmap_new(bm->name, bm->granularity, size);
@@ -381,15 +385,38 @@ NbdsBitmap *nbds_bitmap_copy(const NbdsBitmap *bm, uint64_t size)
     return copy;
 }
 
+bool nbds_bitmap_test(const NbdsBitmap *bm, uint64_t offset)
+{
+    return bit_get(bm, offset / bm->granularity);
+}
+
+uint64_t nbds_bitmap_run_end(const NbdsBitmap *bm, uint64_t offset, uint64_t limit)
+{
+    uint64_t bit = offset / bm->granularity;
+    uint64_t end = find_bit(bm, bit + 1, !bit_get(bm, bit)) * (uint64_t)bm->granularity;
+
+    return MIN(end, limit);
+}
+
+void nbds_bitmap_set(NbdsBitmap *bm, uint64_t offset, uint64_t len)
+{
+    if (len && bm->nbits) {
+        set_bits(bm, offset / bm->granularity,
+                 MIN((offset + len - 1) / bm->granularity, bm->nbits - 1));
+    }
+}
+
 void nbds_bitmap_merge(NbdsBitmap *into, const NbdsBitmap *from)
 {
-    g_assert(into->nwords == from->nwords && into->granularity == from->granularity);
-    for (uint64_t w = 0; w < from->nwords; w++) {
-        uint64_t bits = __atomic_load_n(&from->words[w], __ATOMIC_RELAXED);
-        if (bits) {
-            __atomic_fetch_or(&into->words[w], bits, __ATOMIC_RELAXED);
-            __atomic_store_n(&into->page_dirty[w / WORDS_PER_PAGE], 1, __ATOMIC_RELEASE);
+    uint64_t size = from->nbits * (uint64_t)from->granularity;
+
+    /* By byte ranges: INTO may have been re-created with another granularity. */
+    for (uint64_t pos = 0; pos < size;) {
+        uint64_t end = nbds_bitmap_run_end(from, pos, size);
+        if (nbds_bitmap_test(from, pos)) {
+            nbds_bitmap_set(into, pos, end - pos);
         }
+        pos = end;
     }
     into->inconsistent |= from->inconsistent;
 }

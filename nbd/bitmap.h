@@ -118,9 +118,21 @@ NbdsBitmap *nbds_bitmaps_edit(NbdsBitmapSet *set, NbdsBitmapEdit edit, const cha
 NbdsBitmap *nbds_bitmaps_edit_in_use(NbdsBitmapSet *set, NbdsBitmapEdit edit, const char *name,
                                      uint32_t granularity, bool *saved, GError **error);
 
-/* A frozen copy of BM (for a backup view: not in any set, never marked). */
+/*
+ * Bitmaps outside any set, for backup views: never saved, never marked by
+ * writes.  Bits are read and set atomically, from any thread.
+ */
+/* An empty one, for an image of SIZE bytes. */
+NbdsBitmap *nbds_bitmap_new(uint32_t granularity, uint64_t size);
+/* A frozen copy of BM. */
 NbdsBitmap *nbds_bitmap_copy(const NbdsBitmap *bm, uint64_t size);
-/* Set in INTO every bit set in FROM (a copy of it): an aborted backup's changes go back. */
+/* Whether the granule holding OFFSET is set. */
+bool nbds_bitmap_test(const NbdsBitmap *bm, uint64_t offset);
+/* Where the run of granules like OFFSET's ends (a byte offset, at most LIMIT). */
+uint64_t nbds_bitmap_run_end(const NbdsBitmap *bm, uint64_t offset, uint64_t limit);
+/* Set the granules covering [OFFSET, OFFSET+LEN). */
+void nbds_bitmap_set(NbdsBitmap *bm, uint64_t offset, uint64_t len);
+/* Set in INTO every range set in FROM: an aborted backup's changes go back. */
 void nbds_bitmap_merge(NbdsBitmap *into, const NbdsBitmap *from);
 void nbds_bitmap_free(NbdsBitmap *bm);
 

@@ -51,7 +51,11 @@ void nbds_conn_free(NbdsConn *c)
     if (c->fd >= 0) {
         close(c->fd);
     }
-    g_free(c->meta_selected);
+    nbds_meta_clear(c);
+    if (c->export) {
+        nbds_export_count_client(c->server, c->export, -1);
+        nbds_export_unref(c->server, c->export);
+    }
     g_free(c->peer);
     g_mutex_clear(&c->send_lock);
     g_mutex_clear(&c->lock);

@@ -55,11 +55,14 @@ static bool handle_list(NbdsConn *c, uint32_t len)
         return nbds_opt_error(c, NBDS_OPT_LIST, NBDS_REP_ERR_INVALID,
                               "NBD_OPT_LIST takes no data");
     }
+    /* Made under the lock, sent after: a slow client holds no lock. */
+    g_autoptr(GPtrArray) replies = g_ptr_array_new_with_free_func((GDestroyNotify)g_bytes_unref);
+    g_mutex_lock(&c->server->exports_lock);
     for (guint i = 0; i < c->server->exports->len; i++) {
         NbdsExport *exp = g_ptr_array_index(c->server->exports, i);
         size_t nlen = strlen(exp->name);
         size_t dlen = exp->description ? strlen(exp->description) : 0;
-        g_autofree uint8_t *buf = g_malloc(4 + nlen + dlen);
+        uint8_t *buf = g_malloc(4 + nlen + dlen);
         uint32_t be = htobe32(nlen);
 
         memcpy(buf, &be, 4);
@@ -67,7 +70,13 @@ static bool handle_list(NbdsConn *c, uint32_t len)
         if (dlen) {
             memcpy(buf + 4 + nlen, exp->description, dlen);
         }
-        if (!nbds_opt_reply(c, NBDS_OPT_LIST, NBDS_REP_SERVER, buf, 4 + nlen + dlen)) {
+        g_ptr_array_add(replies, g_bytes_new_take(buf, 4 + nlen + dlen));
+    }
+    g_mutex_unlock(&c->server->exports_lock);
+    for (guint i = 0; i < replies->len; i++) {
+        gsize size;
+        const void *data = g_bytes_get_data(g_ptr_array_index(replies, i), &size);
+        if (!nbds_opt_reply(c, NBDS_OPT_LIST, NBDS_REP_SERVER, data, size)) {
             return false;
         }
     }
@@ -104,56 +113,14 @@ static uint16_t conn_export_flags(NbdsConn *c, const NbdsExport *exp, uint32_t o
     return flags;
 }
 
-/*
- * NBD_OPT_INFO and NBD_OPT_GO.
- *   [0 .. 3]     export name length n
- *   [4 .. 3+n]   export name
- *   [4+n .. 5+n] number of info requests k
- *   then k x 2-byte NBD_INFO_* codes
- * Returns -1 on I/O failure, 0 when answered, 1 when GO succeeded.
- */
-static int handle_info_go(NbdsConn *c, uint32_t option, const uint8_t *data, uint32_t len)
+/* The INFO replies for EXP, then ACK; with GO, EXP becomes C's export. */
+static int reply_export(NbdsConn *c, uint32_t option, NbdsExport *exp, bool want_name,
+                        bool want_desc)
 {
-    uint32_t namelen;
-    uint16_t nreq;
-    bool want_name = false, want_desc = false;
-    g_autofree char *name = NULL;
-    NbdsExport *exp;
     uint16_t flags;
     struct nbds_info_export ie;
     struct nbds_info_block_size ib;
 
-    if (len < 6) {
-        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID, "%s: option too short",
-                              nbds_opt_name(option)) ? 0 : -1;
-    }
-    namelen = nbds_load_be32(data);
-    if (namelen > len - 6) {
-        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID,
-                              "%s: export name length %u overruns the option",
-                              nbds_opt_name(option), namelen) ? 0 : -1;
-    }
-    if (namelen > NBDS_MAX_STRING || memchr(data + 4, 0, namelen)) {
-        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID,
-                              "%s: invalid export name", nbds_opt_name(option)) ? 0 : -1;
-    }
-    nreq = nbds_load_be16(data + 4 + namelen);
-    if (6 + namelen + 2u * nreq != len) {
-        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID,
-                              "%s: %u info requests do not match the option length",
-                              nbds_opt_name(option), nreq) ? 0 : -1;
-    }
-    for (unsigned i = 0; i < nreq; i++) {
-        uint16_t info = nbds_load_be16(data + 6 + namelen + 2 * i);
-        want_name |= info == NBDS_INFO_NAME;
-        want_desc |= info == NBDS_INFO_DESCRIPTION;
-    }
-    name = g_strndup((const char *)data + 4, namelen);
-    exp = nbds_server_find_export(c->server, name);
-    if (!exp) {
-        return nbds_opt_error(c, option, NBDS_REP_ERR_UNKNOWN, "export '%.*s' not found",
-                              QUOTE_MAX, name) ? 0 : -1;
-    }
     if (option == NBDS_OPT_GO && c->meta_export != exp) {
         /* Contexts negotiated for another export do not carry over. */
         nbds_meta_clear(c);
@@ -185,9 +152,65 @@ static int handle_info_go(NbdsConn *c, uint32_t option, const uint8_t *data, uin
     if (option == NBDS_OPT_GO) {
         c->export = exp;
         c->eflags = flags;
+        nbds_export_count_client(c->server, exp, 1);
         return 1;
     }
     return 0;
+}
+
+/*
+ * NBD_OPT_INFO and NBD_OPT_GO.
+ *   [0 .. 3]     export name length n
+ *   [4 .. 3+n]   export name
+ *   [4+n .. 5+n] number of info requests k
+ *   then k x 2-byte NBD_INFO_* codes
+ * Returns -1 on I/O failure, 0 when answered, 1 when GO succeeded.
+ */
+static int handle_info_go(NbdsConn *c, uint32_t option, const uint8_t *data, uint32_t len)
+{
+    uint32_t namelen;
+    uint16_t nreq;
+    bool want_name = false, want_desc = false;
+    g_autofree char *name = NULL;
+    NbdsExport *exp;
+    int r;
+
+    if (len < 6) {
+        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID, "%s: option too short",
+                              nbds_opt_name(option)) ? 0 : -1;
+    }
+    namelen = nbds_load_be32(data);
+    if (namelen > len - 6) {
+        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID,
+                              "%s: export name length %u overruns the option",
+                              nbds_opt_name(option), namelen) ? 0 : -1;
+    }
+    if (namelen > NBDS_MAX_STRING || memchr(data + 4, 0, namelen)) {
+        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID,
+                              "%s: invalid export name", nbds_opt_name(option)) ? 0 : -1;
+    }
+    nreq = nbds_load_be16(data + 4 + namelen);
+    if (6 + namelen + 2u * nreq != len) {
+        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID,
+                              "%s: %u info requests do not match the option length",
+                              nbds_opt_name(option), nreq) ? 0 : -1;
+    }
+    for (unsigned i = 0; i < nreq; i++) {
+        uint16_t info = nbds_load_be16(data + 6 + namelen + 2 * i);
+        want_name |= info == NBDS_INFO_NAME;
+        want_desc |= info == NBDS_INFO_DESCRIPTION;
+    }
+    name = g_strndup((const char *)data + 4, namelen);
+    exp = nbds_server_ref_export(c->server, name);
+    if (!exp) {
+        return nbds_opt_error(c, option, NBDS_REP_ERR_UNKNOWN, "export '%.*s' not found",
+                              QUOTE_MAX, name) ? 0 : -1;
+    }
+    r = reply_export(c, option, exp, want_name, want_desc);
+    if (r != 1) {
+        nbds_export_unref(c->server, exp);    /* kept only by a successful GO */
+    }
+    return r;
 }
 
 /* NBD_OPT_EXPORT_NAME: no option reply exists, so every failure closes. */
@@ -211,15 +234,17 @@ static bool handle_export_name(NbdsConn *c, uint32_t len)
         return false;
     }
     name[len] = '\0';
-    exp = strlen(name) == len ? nbds_server_find_export(c->server, name) : NULL;
+    exp = strlen(name) == len ? nbds_server_ref_export(c->server, name) : NULL;
     if (!exp || c->refuse || g_atomic_int_get(&c->server->shutting_down)) {
         g_message("%s: NBD_OPT_EXPORT_NAME: export '%.*s' refused, dropping", c->peer,
                   QUOTE_MAX, name);
+        nbds_export_unref(c->server, exp);
         return false;
     }
     nbds_meta_clear(c);
     c->export = exp;
     c->eflags = conn_export_flags(c, exp, NBDS_OPT_EXPORT_NAME);
+    nbds_export_count_client(c->server, exp, 1);
     r.exportsize = htobe64(nbds_image_size(exp->image));
     r.eflags = htobe16(c->eflags);
     return nbds_conn_write(c, &r, sizeof(r)) &&

@@ -10,8 +10,10 @@
  *
  * One request per connection, a line of words, each percent-encoded:
  *   bitmap add NAME GRANULARITY | bitmap remove|clear|enable|disable NAME |
- *   bitmap list
- * The answer: lines "info WORD..." then "ok", or "error MESSAGE".
+ *   bitmap list |
+ *   backup begin VIEW BITMAP SCRATCH-DIR | backup end|abort VIEW | backup list
+ * (an empty word: the default).  The answer: lines "info WORD..." then
+ * "ok", or "error MESSAGE".
  *
  * Commands run in the control thread, one at a time.  A bitmap edit runs
  * with the export's write gate held exclusively, so every write is wholly
@@ -78,8 +80,7 @@ static int control_location(const char *image, char **name, GError **error)
     int dirfd;
 
     if (!canonical) {
-        g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno), "%s: %s", image,
-                    g_strerror(errno));
+        g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno), "%s", g_strerror(errno));
         return -1;
     }
     dir = g_path_get_dirname(canonical);
@@ -263,9 +264,11 @@ static bool bitmap_command(NbdsExport *exp, char **argv, GString *out, GError **
 static bool run_command(NbdsServer *s, NbdsExport *exp, char **argv, GString *out,
                         GError **error)
 {
-    (void)s;
     if (argv[0] && strcmp(argv[0], "bitmap") == 0) {
         return bitmap_command(exp, argv + 1, out, error);
+    }
+    if (argv[0] && strcmp(argv[0], "backup") == 0) {
+        return nbds_backup_command(s, exp, argv + 1, out, error);
     }
     g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT, "unknown request '%s'",
                 argv[0] ? argv[0] : "");
@@ -432,15 +435,14 @@ bool nbds_image_control_call(const char *image, const char *const *argv, GPtrArr
     }
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
-        g_set_error(error, G_IO_ERROR, G_IO_ERROR_BUSY,
-                    "%s: in use by another program, and no nbdfs server answers on %s (%s)",
-                    image, name, g_strerror(errno));
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_NOT_CONNECTED,
+                    "no nbdfs server answers on %s (%s)", name, g_strerror(errno));
         goto out;
     }
     /* The server must be the image's owner's, ours, or root's. */
     if (stat(image, &st) < 0 || !peer_trusted(fd, st.st_uid)) {
         g_set_error(error, G_IO_ERROR, G_IO_ERROR_PERMISSION_DENIED,
-                    "%s: the server on %s runs as another user", image, name);
+                    "the server on %s runs as another user", name);
         goto out;
     }
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
@@ -450,7 +452,7 @@ bool nbds_image_control_call(const char *image, const char *const *argv, GPtrArr
         g_auto(GStrv) words = line ? decode_line(line) : NULL;
         if (!words || !words[0]) {
             g_set_error(error, G_IO_ERROR, G_IO_ERROR_CONNECTION_CLOSED,
-                        "%s: the server on %s did not answer", image, name);
+                        "the server on %s did not answer", name);
             goto out;
         }
         if (strcmp(words[0], "ok") == 0) {

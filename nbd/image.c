@@ -37,6 +37,13 @@ struct NbdsImage {
     uint64_t data_start, data_end;
 };
 
+static void forget_data_run(NbdsImage *img)
+{
+    g_mutex_lock(&img->run_lock);
+    img->data_start = img->data_end = 0;
+    g_mutex_unlock(&img->run_lock);
+}
+
 NbdsImage *nbds_image_open(const char *path, bool read_only, GError **error)
 {
     g_autoptr(NbdsImage) img = g_new0(NbdsImage, 1);
@@ -98,6 +105,45 @@ NbdsImage *nbds_image_open(const char *path, bool read_only, GError **error)
     return g_steal_pointer(&img);
 }
 
+NbdsImage *nbds_image_new_scratch(const char *dir, uint64_t size, GError **error)
+{
+    g_autoptr(NbdsImage) img = g_new0(NbdsImage, 1);
+
+    img->path = g_strdup_printf("%s/(scratch file)", dir);
+    img->size = size;
+    img->can_seek_data = img->can_punch = img->can_zero_range = img->can_dsync = 1;
+    g_mutex_init(&img->run_lock);
+    /* Nameless from birth: nothing to clean up after a crash. */
+    img->fd = open(dir, O_TMPFILE | O_RDWR | O_EXCL | O_CLOEXEC, 0600);
+    if (img->fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR)) {
+        g_autofree char *tmpl = g_build_filename(dir, ".nbdfs-scratch-XXXXXX", NULL);
+        img->fd = g_mkstemp_full(tmpl, O_RDWR | O_CLOEXEC, 0600);
+        if (img->fd >= 0) {
+            unlink(tmpl);
+        }
+    }
+    if (img->fd < 0 || ftruncate(img->fd, size) < 0) {
+        g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno),
+                    "%s: cannot create a scratch file: %s", dir, g_strerror(errno));
+        return NULL;
+    }
+    return g_steal_pointer(&img);
+}
+
+uint64_t nbds_image_allocated_bytes(const NbdsImage *img)
+{
+    struct stat st;
+
+    return fstat(img->fd, &st) == 0 ? (uint64_t)st.st_blocks * 512 : 0;
+}
+
+void nbds_image_shrink_to_nothing(NbdsImage *img)
+{
+    if (ftruncate(img->fd, 0) == 0) {
+        forget_data_run(img);
+    }
+}
+
 void nbds_image_close(NbdsImage *img)
 {
     if (!img) {
@@ -109,13 +155,6 @@ void nbds_image_close(NbdsImage *img)
     g_mutex_clear(&img->run_lock);
     g_free(img->path);
     g_free(img);
-}
-
-static void forget_data_run(NbdsImage *img)
-{
-    g_mutex_lock(&img->run_lock);
-    img->data_start = img->data_end = 0;
-    g_mutex_unlock(&img->run_lock);
 }
 
 const char *nbds_image_path(const NbdsImage *img) { return img->path; }
@@ -383,20 +422,5 @@ int nbds_image_next_run(NbdsImage *img, uint64_t offset, uint64_t end, bool *is_
 all_data:
     *is_hole = false;
     *run_end = end;
-    return 0;
-}
-
-int nbds_image_allocation(NbdsImage *img, NbdsExtents *e)
-{
-    while (!nbds_extents_done(e)) {
-        bool is_hole;
-        uint64_t run_end;
-        int err = nbds_image_next_run(img, e->next, e->end, &is_hole, &run_end);
-        if (err) {
-            return err;
-        }
-        nbds_extents_add(e, run_end - e->next,
-                         is_hole ? NBDS_STATE_HOLE | NBDS_STATE_ZERO : 0);
-    }
     return 0;
 }

@@ -22,6 +22,15 @@ typedef struct NbdsImage NbdsImage;
  * otherwise), so two servers cannot write one image.  Errors name the path.
  */
 NbdsImage *nbds_image_open(const char *path, bool read_only, GError **error);
+/*
+ * A scratch file of SIZE bytes in DIR, all holes, without a name (O_TMPFILE,
+ * or a name unlinked at once): it disappears when closed, or when the process dies.
+ */
+NbdsImage *nbds_image_new_scratch(const char *dir, uint64_t size, GError **error);
+/* Bytes the file takes on disk. */
+uint64_t nbds_image_allocated_bytes(const NbdsImage *img);
+/* Give a scratch file's space back at once (it reads as nothing afterwards). */
+void nbds_image_shrink_to_nothing(NbdsImage *img);
 void nbds_image_close(NbdsImage *img);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(NbdsImage, nbds_image_close)
 
@@ -49,8 +58,5 @@ int nbds_image_cache(NbdsImage *img, uint64_t offset, uint64_t len);
  */
 int nbds_image_next_run(NbdsImage *img, uint64_t offset, uint64_t end, bool *is_hole,
                         uint64_t *run_end);
-
-/* base:allocation for e's range: data 0, holes HOLE|ZERO. */
-int nbds_image_allocation(NbdsImage *img, NbdsExtents *e);
 
 #endif /* NBDS_IMAGE_H */

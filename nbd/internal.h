@@ -29,6 +29,7 @@
 
 typedef struct NbdsConn NbdsConn;
 typedef struct NbdsImageControl NbdsImageControl;
+typedef struct NbdsBackupView NbdsBackupView;
 
 /* ---- image-control.c ---- */
 
@@ -98,6 +99,8 @@ struct NbdsMetaContext {
 };
 
 void nbds_meta_context_free(NbdsMetaContext *ctx);
+/* Offer a context NAME answered by EXTENTS (with OPAQUE in ctx->opaque). */
+void nbds_meta_add(NbdsExport *exp, const char *name, NbdsExtentsFn extents, gpointer opaque);
 void nbds_meta_add_base_allocation(NbdsExport *exp);
 /* One qemu:dirty-bitmap:NAME context per bitmap of exp->bitmaps. */
 void nbds_meta_add_bitmaps(NbdsExport *exp);
@@ -133,12 +136,23 @@ struct NbdsExport {
      * edit, a backup's start): a write is wholly before or after it.
      */
     GRWLock gate;
+    GPtrArray *views;              /* NbdsBackupView * of this image; changed under gate */
+    NbdsBackupView *view;          /* set when this export is a backup view */
+    int refs;                      /* references held by connections (export, meta_export) */
+    int clients;                   /* connections in transmission on it */
 };
 
 
 struct NbdsServer {
     NbdsServerConfig config;
-    GPtrArray *exports;            /* NbdsExport *; [0] is also the default export */
+    /*
+     * NbdsExport *; [0] is also the default export.  Backup views come and
+     * go while served: the list is read and changed under exports_lock, and
+     * an export is freed only when no connection holds a reference.
+     */
+    GPtrArray *exports;
+    GMutex exports_lock;
+    GCond exports_cond;            /* an export's refs dropped */
     GArray *listen_fds;            /* int */
     GThreadPool *workers;          /* runs requests of every connection */
 
@@ -158,9 +172,39 @@ struct NbdsServer {
 /* A listening unix socket at PATH with permissions MODE (born owner-only); -1 on error. */
 int nbds_listen_unix_path(const char *path, unsigned mode, GError **error);
 
-/* The export NAME, or NULL.  "" is the default export. */
-NbdsExport *nbds_server_find_export(NbdsServer *server, const char *name);
+/* The export NAME with a reference for the caller, or NULL.  "" is the default export. */
+NbdsExport *nbds_server_ref_export(NbdsServer *server, const char *name);
+void nbds_export_unref(NbdsServer *server, NbdsExport *exp);
+/* A connection starts (DELTA 1) or ends (-1) its transmission phase on EXP. */
+void nbds_export_count_client(NbdsServer *server, NbdsExport *exp, int delta);
+/* The export NAME (exports_lock held), or NULL. */
+NbdsExport *nbds_server_find_export_locked(NbdsServer *server, const char *name);
+/* A new export of IMG (not owned when VIEW is set), with base:allocation. */
+NbdsExport *nbds_export_new(const char *name, NbdsImage *img, bool read_only);
+void nbds_export_free(NbdsExport *exp);
 uint16_t nbds_export_flags(const NbdsExport *exp);
+
+/* An export's bytes: the image's, or a backup view's (backup.c).  0 or an errno. */
+int nbds_export_pread(NbdsExport *exp, void *buf, uint64_t len, uint64_t offset);
+int nbds_export_next_run(NbdsExport *exp, uint64_t offset, uint64_t end, bool *is_hole,
+                         uint64_t *run_end);
+
+/* ---- backup.c ---- */
+
+/*
+ * Before a write-type request changes [OFFSET, +LEN) of EXP (its gate held
+ * shared): the old data every backup view of EXP still needs goes to the
+ * view's scratch file.  A view that cannot keep it breaks; the write goes on.
+ */
+void nbds_backup_before_write(NbdsExport *exp, uint64_t offset, uint64_t len);
+/* Control commands (see image-control.c); ARGV after "backup". */
+bool nbds_backup_command(NbdsServer *s, NbdsExport *exp, char **argv, GString *out,
+                         GError **error);
+/* At shutdown, once no client is left: end every view as an abort would. */
+void nbds_backup_abort_all(NbdsServer *s);
+int nbds_backup_view_pread(NbdsBackupView *v, void *buf, uint64_t len, uint64_t offset);
+int nbds_backup_view_next_run(NbdsBackupView *v, uint64_t offset, uint64_t end,
+                              bool *is_hole, uint64_t *run_end);
 
 /* ---- conn.c ---- */
 

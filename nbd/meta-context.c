@@ -35,20 +35,39 @@ void nbds_meta_context_free(NbdsMetaContext *ctx)
     }
 }
 
+void nbds_meta_add(NbdsExport *exp, const char *name, NbdsExtentsFn extents, gpointer opaque)
+{
+    NbdsMetaContext *ctx = g_new0(NbdsMetaContext, 1);
+
+    ctx->name = g_strdup(name);
+    ctx->extents = extents;
+    ctx->opaque = opaque;
+    g_rw_lock_writer_lock(&exp->contexts_lock);
+    g_ptr_array_add(exp->contexts, ctx);
+    g_rw_lock_writer_unlock(&exp->contexts_lock);
+}
+
+/* base:allocation: data 0, holes HOLE|ZERO (a backup view's as it was). */
 static int base_allocation_extents(NbdsExport *exp, const NbdsMetaContext *ctx, NbdsExtents *e)
 {
     (void)ctx;
-    return nbds_image_allocation(exp->image, e);
+    while (!nbds_extents_done(e)) {
+        bool is_hole;
+        uint64_t run_end;
+        int err = nbds_export_next_run(exp, e->next, e->end, &is_hole, &run_end);
+        if (err) {
+            return err;
+        }
+        nbds_extents_add(e, run_end - e->next,
+                         is_hole ? NBDS_STATE_HOLE | NBDS_STATE_ZERO : 0);
+    }
+    return 0;
 }
 
 void nbds_meta_add_base_allocation(NbdsExport *exp)
 {
-    NbdsMetaContext *ctx = g_new0(NbdsMetaContext, 1);
-
     g_assert(exp->contexts->len == 0);   /* id 0 */
-    ctx->name = g_strdup("base:allocation");
-    ctx->extents = base_allocation_extents;
-    g_ptr_array_add(exp->contexts, ctx);
+    nbds_meta_add(exp, "base:allocation", base_allocation_extents, NULL);
 }
 
 static int dirty_bitmap_extents(NbdsExport *exp, const NbdsMetaContext *ctx, NbdsExtents *e)
@@ -58,16 +77,12 @@ static int dirty_bitmap_extents(NbdsExport *exp, const NbdsMetaContext *ctx, Nbd
 
 void nbds_meta_add_bitmap(NbdsExport *exp, NbdsBitmap *bm)
 {
-    NbdsMetaContext *ctx = g_new0(NbdsMetaContext, 1);
     NbdsBitmapInfo info;
+    g_autofree char *name = NULL;
 
     nbds_bitmap_info(exp->bitmaps, bm, &info);
-    ctx->name = g_strconcat("qemu:dirty-bitmap:", info.name, NULL);
-    ctx->extents = dirty_bitmap_extents;
-    ctx->opaque = bm;
-    g_rw_lock_writer_lock(&exp->contexts_lock);
-    g_ptr_array_add(exp->contexts, ctx);
-    g_rw_lock_writer_unlock(&exp->contexts_lock);
+    name = g_strconcat("qemu:dirty-bitmap:", info.name, NULL);
+    nbds_meta_add(exp, name, dirty_bitmap_extents, bm);
 }
 
 void nbds_meta_add_bitmaps(NbdsExport *exp)
@@ -117,6 +132,7 @@ static GPtrArray *offered_contexts(NbdsExport *exp)
 void nbds_meta_clear(NbdsConn *c)
 {
     g_clear_pointer(&c->meta_selected, g_free);
+    nbds_export_unref(c->server, c->meta_export);
     c->meta_export = NULL;
     c->meta_len = 0;
     c->meta_count = 0;
@@ -131,49 +147,16 @@ static bool query_matches(const char *query, size_t qlen, const char *name, bool
     return is_list && qlen > 0 && query[qlen - 1] == ':' && strncmp(query, name, qlen) == 0;
 }
 
-int nbds_meta_handle_option(NbdsConn *c, uint32_t option, const uint8_t *data, uint32_t len)
+/* Answer LIST or SET for EXP's contexts, from the queries at DATA + POS. */
+static int match_contexts(NbdsConn *c, uint32_t option, NbdsExport *exp, const uint8_t *data,
+                          uint32_t len, uint32_t pos, uint32_t nqueries)
 {
     bool is_list = option == NBDS_OPT_LIST_META_CONTEXT;
     const char *what = nbds_opt_name(option);
-    uint32_t namelen, nqueries, pos;
-    g_autofree char *name = NULL;
     g_autofree bool *match = NULL;
     g_autoptr(GPtrArray) offered = NULL;
     unsigned count = 0;
-    NbdsExport *exp;
 
-    if (!is_list) {
-        /* Each SET replaces the whole selection, even when it fails. */
-        nbds_meta_clear(c);
-        if (c->mode == NBDS_MODE_SIMPLE) {
-            return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID,
-                                  "%s needs structured replies or extended headers first",
-                                  what) ? 0 : -1;
-        }
-    }
-    if (len < 8) {
-        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID, "%s: option too short",
-                              what) ? 0 : -1;
-    }
-    namelen = nbds_load_be32(data);
-    if (namelen > len - 8) {
-        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID,
-                              "%s: export name length %u overruns the option", what,
-                              namelen) ? 0 : -1;
-    }
-    if (namelen > NBDS_MAX_STRING || memchr(data + 4, 0, namelen)) {
-        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID, "%s: invalid export name",
-                              what) ? 0 : -1;
-    }
-    name = g_strndup((const char *)data + 4, namelen);
-    nqueries = nbds_load_be32(data + 4 + namelen);
-    pos = 8 + namelen;
-
-    exp = nbds_server_find_export(c->server, name);
-    if (!exp) {
-        return nbds_opt_error(c, option, NBDS_REP_ERR_UNKNOWN, "export '%.*s' not found",
-                              128, name) ? 0 : -1;
-    }
     offered = offered_contexts(exp);
     match = g_new0(bool, offered->len);
     if (nqueries == 0 && is_list) {
@@ -241,4 +224,52 @@ int nbds_meta_handle_option(NbdsConn *c, uint32_t option, const uint8_t *data, u
         c->meta_count = count;
     }
     return nbds_opt_reply(c, option, NBDS_REP_ACK, NULL, 0) ? 0 : -1;
+}
+
+int nbds_meta_handle_option(NbdsConn *c, uint32_t option, const uint8_t *data, uint32_t len)
+{
+    bool is_list = option == NBDS_OPT_LIST_META_CONTEXT;
+    const char *what = nbds_opt_name(option);
+    uint32_t namelen, nqueries, pos;
+    g_autofree char *name = NULL;
+    NbdsExport *exp;
+    int r;
+
+    if (!is_list) {
+        /* Each SET replaces the whole selection, even when it fails. */
+        nbds_meta_clear(c);
+        if (c->mode == NBDS_MODE_SIMPLE) {
+            return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID,
+                                  "%s needs structured replies or extended headers first",
+                                  what) ? 0 : -1;
+        }
+    }
+    if (len < 8) {
+        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID, "%s: option too short",
+                              what) ? 0 : -1;
+    }
+    namelen = nbds_load_be32(data);
+    if (namelen > len - 8) {
+        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID,
+                              "%s: export name length %u overruns the option", what,
+                              namelen) ? 0 : -1;
+    }
+    if (namelen > NBDS_MAX_STRING || memchr(data + 4, 0, namelen)) {
+        return nbds_opt_error(c, option, NBDS_REP_ERR_INVALID, "%s: invalid export name",
+                              what) ? 0 : -1;
+    }
+    name = g_strndup((const char *)data + 4, namelen);
+    nqueries = nbds_load_be32(data + 4 + namelen);
+    pos = 8 + namelen;
+
+    exp = nbds_server_ref_export(c->server, name);
+    if (!exp) {
+        return nbds_opt_error(c, option, NBDS_REP_ERR_UNKNOWN, "export '%.*s' not found",
+                              128, name) ? 0 : -1;
+    }
+    r = match_contexts(c, option, exp, data, len, pos, nqueries);
+    if (c->meta_export != exp || is_list) {
+        nbds_export_unref(c->server, exp);    /* kept only by a successful SET */
+    }
+    return r;
 }

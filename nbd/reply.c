@@ -178,8 +178,10 @@ bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
     b->len = len;
     len = 0;
     for (int i = 0; i < iovcnt; i++) {
-        memcpy(b->data + len, iov[i].iov_base, iov[i].iov_len);
-        len += iov[i].iov_len;
+        if (iov[i].iov_len) {          /* an empty entry may have no base */
+            memcpy(b->data + len, iov[i].iov_base, iov[i].iov_len);
+            len += iov[i].iov_len;
+        }
     }
     nbds_budget_charge(c, b->len);
     g_mutex_lock(&c->lock);

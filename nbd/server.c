@@ -23,17 +23,36 @@
 /* How long shutdown lets connections finish before cutting them off. */
 #define SHUTDOWN_GRACE_US (5 * G_USEC_PER_SEC)
 
-static void export_free(NbdsExport *exp)
+NbdsExport *nbds_export_new(const char *name, NbdsImage *img, bool read_only)
+{
+    NbdsExport *exp = g_new0(NbdsExport, 1);
+
+    exp->name = g_strdup(name);
+    exp->image = img;
+    exp->read_only = read_only;
+    exp->contexts = g_ptr_array_new_with_free_func((GDestroyNotify)nbds_meta_context_free);
+    exp->views = g_ptr_array_new();
+    g_rw_lock_init(&exp->contexts_lock);
+    g_rw_lock_init(&exp->gate);
+    nbds_meta_add_base_allocation(exp);
+    return exp;
+}
+
+void nbds_export_free(NbdsExport *exp)
 {
     if (!exp) {
         return;
     }
+    g_assert(exp->views->len == 0);
+    g_ptr_array_unref(exp->views);
     g_ptr_array_unref(exp->contexts);
     g_rw_lock_clear(&exp->contexts_lock);
     g_rw_lock_clear(&exp->gate);
     /* Not closed cleanly (no shutdown): the in-use flag stays and flags the bitmaps. */
     nbds_bitmaps_free(exp->bitmaps);
-    nbds_image_close(exp->image);
+    if (!exp->view) {
+        nbds_image_close(exp->image);      /* a view's image is its source's */
+    }
     g_free(exp->name);
     g_free(exp->description);
     g_free(exp);
@@ -65,7 +84,9 @@ NbdsServer *nbds_server_new(const NbdsServerConfig *config, GError **error)
     nbds_budget_init(&s->budget, s->config.max_buffered,
                      s->config.max_connections ? s->config.max_connections
                                                : NBDS_DEFAULT_MAX_CONNECTIONS);
-    s->exports = g_ptr_array_new_with_free_func((GDestroyNotify)export_free);
+    s->exports = g_ptr_array_new_with_free_func((GDestroyNotify)nbds_export_free);
+    g_mutex_init(&s->exports_lock);
+    g_cond_init(&s->exports_cond);
     s->listen_fds = g_array_new(FALSE, FALSE, sizeof(int));
     s->finished = g_ptr_array_new();
     g_mutex_init(&s->lock);
@@ -80,6 +101,8 @@ void nbds_server_free(NbdsServer *s)
     }
     nbds_server_shutdown(s);
     g_ptr_array_unref(s->exports);
+    g_mutex_clear(&s->exports_lock);
+    g_cond_clear(&s->exports_cond);
     g_array_unref(s->listen_fds);
     g_ptr_array_unref(s->finished);
     g_mutex_clear(&s->lock);
@@ -89,7 +112,7 @@ void nbds_server_free(NbdsServer *s)
     g_free(s);
 }
 
-NbdsExport *nbds_server_find_export(NbdsServer *s, const char *name)
+NbdsExport *nbds_server_find_export_locked(NbdsServer *s, const char *name)
 {
     if (name[0] == '\0') {
         return s->exports->len ? g_ptr_array_index(s->exports, 0) : NULL;
@@ -103,6 +126,37 @@ NbdsExport *nbds_server_find_export(NbdsServer *s, const char *name)
     return NULL;
 }
 
+NbdsExport *nbds_server_ref_export(NbdsServer *s, const char *name)
+{
+    NbdsExport *exp;
+
+    g_mutex_lock(&s->exports_lock);
+    exp = nbds_server_find_export_locked(s, name);
+    if (exp) {
+        exp->refs++;
+    }
+    g_mutex_unlock(&s->exports_lock);
+    return exp;
+}
+
+void nbds_export_count_client(NbdsServer *s, NbdsExport *exp, int delta)
+{
+    g_mutex_lock(&s->exports_lock);
+    exp->clients += delta;
+    g_mutex_unlock(&s->exports_lock);
+}
+
+void nbds_export_unref(NbdsServer *s, NbdsExport *exp)
+{
+    if (exp) {
+        g_mutex_lock(&s->exports_lock);
+        g_assert(exp->refs > 0);
+        exp->refs--;
+        g_cond_broadcast(&s->exports_cond);
+        g_mutex_unlock(&s->exports_lock);
+    }
+}
+
 NbdsExport *nbds_server_add_export(NbdsServer *s, const char *path, GError **error)
 {
     g_autofree char *name = g_path_get_basename(path);
@@ -111,7 +165,7 @@ NbdsExport *nbds_server_add_export(NbdsServer *s, const char *path, GError **err
     NbdsBitmapSet *bitmaps;
     const char *format;
 
-    if (nbds_server_find_export(s, name) && name[0]) {
+    if (name[0] && nbds_server_find_export_locked(s, name)) {   /* before serving */
         g_set_error(error, G_IO_ERROR, G_IO_ERROR_EXISTS,
                     "%s: another image is already exported as '%s'", path, name);
         return NULL;
@@ -138,15 +192,8 @@ NbdsExport *nbds_server_add_export(NbdsServer *s, const char *path, GError **err
                   "until cleared with 'nbdfs bitmap clear'", path,
                   nbds_bitmaps_inconsistent_reason(bitmaps));
     }
-    exp = g_new0(NbdsExport, 1);
-    exp->name = g_steal_pointer(&name);
-    exp->image = img;
+    exp = nbds_export_new(name, img, s->config.read_only);
     exp->bitmaps = bitmaps;
-    exp->read_only = s->config.read_only;
-    exp->contexts = g_ptr_array_new_with_free_func((GDestroyNotify)nbds_meta_context_free);
-    g_rw_lock_init(&exp->contexts_lock);
-    g_rw_lock_init(&exp->gate);
-    nbds_meta_add_base_allocation(exp);
     nbds_meta_add_bitmaps(exp);
     g_ptr_array_add(s->exports, exp);
     if (s->config.control && !exp->read_only) {
@@ -175,6 +222,19 @@ uint16_t nbds_export_flags(const NbdsExport *exp)
         flags |= NBDS_FLAG_SEND_TRIM | NBDS_FLAG_SEND_WRITE_ZEROES | NBDS_FLAG_SEND_FAST_ZERO;
     }
     return flags;
+}
+
+int nbds_export_pread(NbdsExport *exp, void *buf, uint64_t len, uint64_t offset)
+{
+    return exp->view ? nbds_backup_view_pread(exp->view, buf, len, offset)
+                     : nbds_image_pread(exp->image, buf, len, offset);
+}
+
+int nbds_export_next_run(NbdsExport *exp, uint64_t offset, uint64_t end, bool *is_hole,
+                         uint64_t *run_end)
+{
+    return exp->view ? nbds_backup_view_next_run(exp->view, offset, end, is_hole, run_end)
+                     : nbds_image_next_run(exp->image, offset, end, is_hole, run_end);
 }
 
 /* ---- listening sockets ---- */
@@ -543,6 +603,8 @@ bool nbds_server_shutdown(NbdsServer *s)
         g_thread_pool_free(s->workers, FALSE, TRUE);
         s->workers = NULL;
     }
+    /* Their frozen changes go back into their bitmaps before these are saved. */
+    nbds_backup_abort_all(s);
 
     for (guint i = 0; i < s->exports->len; i++) {
         NbdsExport *exp = g_ptr_array_index(s->exports, i);

@@ -93,7 +93,8 @@ void nbds_server_free(NbdsServer *server);
  * For `nbdfs bitmap` and `nbdfs backup`: send the request ARGV to the
  * server holding IMAGE, through IMAGE.control; the words of each "info"
  * line of its answer go to INFO (a GStrv each).  False with ERROR: the
- * server's message, or why no server answers.
+ * server's message, or why no server answers (G_IO_ERROR_NOT_CONNECTED);
+ * messages do not name IMAGE.
  */
 bool nbds_image_control_call(const char *image, const char *const *argv, GPtrArray *info,
                              GError **error);

@@ -171,7 +171,7 @@ static void note_activity(NbdsConn *c)
 
 static bool do_read(NbdsConn *c, const NbdsRequest *req)
 {
-    NbdsImage *img = c->export->image;
+    NbdsExport *exp = c->export;
     uint64_t len = req->length;
     g_autofree uint8_t *buf = NULL;
     struct {
@@ -197,7 +197,7 @@ static bool do_read(NbdsConn *c, const NbdsRequest *req)
     }
 
     if (c->mode == NBDS_MODE_SIMPLE || (req->flags & NBDS_CMD_FLAG_DF)) {
-        err = nbds_image_pread(img, buf, len, req->offset);
+        err = nbds_export_pread(exp, buf, len, req->offset);
         if (err) {
             return nbds_reply_error(c, req, nbds_errno_to_wire(err), "read: %s",
                                     g_strerror(err));
@@ -215,7 +215,7 @@ static bool do_read(NbdsConn *c, const NbdsRequest *req)
             bool hole = false;
             uint64_t run_end = end;
             if (n < MAX_READ_CHUNKS - 1) {
-                err = nbds_image_next_run(img, pos, end, &hole, &run_end);
+                err = nbds_export_next_run(exp, pos, end, &hole, &run_end);
                 if (err) {
                     return nbds_reply_error(c, req, nbds_errno_to_wire(err),
                                             "block status: %s", g_strerror(err));
@@ -225,7 +225,7 @@ static bool do_read(NbdsConn *c, const NbdsRequest *req)
             runs[n].length = run_end - pos;
             runs[n].hole = hole;
             if (!hole) {
-                err = nbds_image_pread(img, buf + (pos - req->offset), run_end - pos, pos);
+                err = nbds_export_pread(exp, buf + (pos - req->offset), run_end - pos, pos);
                 if (err) {
                     return nbds_reply_error(c, req, nbds_errno_to_wire(err), "read: %s",
                                             g_strerror(err));
@@ -310,6 +310,8 @@ void nbds_work_run(gpointer data, gpointer user_data)
         g_rw_lock_reader_lock(&c->export->gate);
         /* Mark before writing: no reader of a bitmap may see the data before the mark. */
         nbds_bitmaps_mark(bitmaps, req->offset, w->length);
+        /* Backup views keep what they still need of the old data. */
+        nbds_backup_before_write(c->export, req->offset, w->length);
         err = write_request(c, w, fua);
         g_rw_lock_reader_unlock(&c->export->gate);
         reply_status(c, req, err);

@@ -7,7 +7,7 @@ Usage (as root; scripts/bench.sh builds nbdfs and installs what is missing first
     /usr/bin/python3 tests/bench/bench.py [OPTIONS]
 
     --runs N          measured runs per subject (default 3); the table shows median and range
-    --only W1,W3,...  run only these workloads (W1 W1b W2 W3 W4 W5 W6 W7 W8 B1 B2 S1 S2)
+    --only W1,W3,...  run only these workloads (W1 W1b W2 W3 W4 W5 W6 W7 W8 B1 B2 B3 S1 S2)
     --nbdfs PATH      the nbdfs binary (default: $NBDFS, else build/fuse/nbdfs, else PATH)
     --quick           smaller sizes and shorter runs: a smoke run, figures indicative only
     --workdir DIR     where images and mounts go (default /dev/shm, a tmpfs)
@@ -60,6 +60,11 @@ Workloads (sizes in --quick mode in brackets)
          with 3 enabled bitmaps; MiB/s
     B2   one block-status request for b0 over the 1 TiB export (libnbd block_status_filter,
          the single call timed, callback included); ms
+    B3   copy-before-write cost: `nbdcopy --flush` of 2 GiB [512 MiB] over a 2 GiB data
+         image in `nbdfs serve`, with no backup view, with a view open (every cluster is
+         rewritten for the first time since the view began: its old data is copied to the
+         scratch file first), and the same again (nothing left to copy); MiB/s.  And the
+         scratch file's size on disk against the bytes rewritten
     S1   servers under slow readers: 20 clients queue 64 READs of 1 MiB each and take their
          replies at ~1.25 MiB/s while another client does 4 KiB reads for 5 s [2 s]: its
          worst and 99th-percentile latency (ms), and the server's VmHWM (MiB); nbdfs serve,
@@ -79,6 +84,7 @@ Targets (PASS/MISS on the nbdfs rows; "x" = times the peer's median in the same 
     W7   <= 0.5 s; bytes <= 1/10 of the unfiltered walk (worst run)
     W8   mount <= 64 MiB; serve <= 16 MiB + 2 MiB per bitmap per TiB
     B1   3 bitmaps >= 95% of none            B2   < 50 ms
+    B3   2nd rewrite under a view >= 95% of no view; scratch <= bytes rewritten
     S1   worst <= 100 ms; memory <= 320 MiB  S2   growth <= 256 MiB (--max-buffered)
 
 Bytes are checked: samples of what each mount read against the image (W1), of what each
@@ -118,7 +124,8 @@ import hostile  # noqa: E402
 import nbdfs_test  # noqa: E402
 from pki import Pki  # noqa: E402
 
-ALL_WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "B1", "B2", "S1", "S2"]
+ALL_WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "B1", "B2", "B3", "S1",
+                 "S2"]
 
 
 def log(msg):
@@ -1504,6 +1511,54 @@ def b1(want):
 
 
 # ---------------------------------------------------------------------------------------
+# B3: copy-before-write cost
+
+def b3(want):
+    size = 512 * MiB if ARGS.quick else 2 * GiB
+    src = data_file(size)
+    img = copy_file(src, new_path("b3-export.img"))
+    wl = Workload("B3", "nbdcopy rewrite of nbdfs serve's image, backup view open or not")
+    unit = "MiB/s"
+    configs = [("no backup view", 0), ("view, 1st rewrite", 1), ("view, 2nd rewrite", 2)]
+    scratch = wl.row("view: scratch/rewritten", "ratio", better="lower", sub="B3 scratch")
+    with contextlib.ExitStack() as st:
+        st.callback(lambda: os.path.exists(img) and os.unlink(img))
+
+        def one(name, mode, r):
+            srv = start_nbdfs_serve(img)
+            try:
+                if mode:
+                    run([ARGS.nbdfs, "backup", "begin", img], timeout=60)
+                if mode == 2:
+                    run(["nbdcopy", "--flush", src, srv.uri], timeout=600)
+                t, _ = timed(["nbdcopy", "--flush", src, srv.uri], timeout=600)
+                if mode == 1:
+                    views = json.loads(run([ARGS.nbdfs, "backup", "list", "--json", img],
+                                           timeout=60).stdout)
+                    if len(views) != 1 or views[0]["broken"]:
+                        raise BenchError("backup list: %s" % views)
+                    scratch.values.append(views[0]["scratch-bytes"] / size)
+                if mode:
+                    run([ARGS.nbdfs, "backup", "end", img], timeout=60)
+            finally:
+                code = srv.stop()
+            if code != 0:
+                raise BenchError("nbdfs serve exited %s on SIGTERM: %s" % (code, logtail(srv.proc)))
+            return size / MiB / t
+        measure(wl, configs, unit, one)
+    wl.ratios("no backup view")
+    row, ref = wl.rows.get("view, 2nd rewrite"), wl.med("no backup view")
+    if row is not None and row.values and ref:
+        verdict(row, row.median >= 0.95 * ref, ">= %s MiB/s (95%% of no view)" % fmt(0.95 * ref))
+    if scratch.values:
+        verdict(scratch, max(scratch.values) <= 1.0, "<= 1 (worst run)")
+    NOTES.append("B3: `nbdcopy --flush` of %d MiB over the whole image (server restarted for "
+                 "every run; the view's scratch file beside the image, on the same disk)."
+                 % (size // MiB))
+    return [wl]
+
+
+# ---------------------------------------------------------------------------------------
 # S1, S2: servers under hostile clients
 
 def server_peak_mib(srv):
@@ -1766,7 +1821,8 @@ def main():
         log("nbdfs: %s; work directory %s" % (ARGS.nbdfs, WORK))
         build_seekwalk()
         steps = [("W1", w1), ("W1b", w1b), ("W2", w2), ("W3", w3), ("W4", w4), ("W5", w5),
-                 ("W6", w6), (None, w7_w8_b2), ("B1", b1), ("S1", s1), ("S2", s2)]
+                 ("W6", w6), (None, w7_w8_b2), ("B1", b1), ("B3", b3), ("S1", s1),
+                 ("S2", s2)]
         for name, fn in steps:
             if name is None:
                 if not any(w in want for w in ("W7", "W8", "B2")):
