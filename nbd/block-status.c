@@ -127,6 +127,7 @@ bool nbds_block_status_reply(NbdsConn *c, const NbdsRequest *req, uint64_t lengt
     g_autofree uint32_t *all = NULL;
     g_autoptr(GByteArray) out = g_byte_array_new();
     struct iovec iov;
+    guint len;
 
     if (n_ids == 0) {
         all = g_new(uint32_t, c->meta_len);
@@ -156,7 +157,8 @@ bool nbds_block_status_reply(NbdsConn *c, const NbdsRequest *req, uint64_t lengt
         }
         encode_chunk(c, req, ids[i], e, i + 1 == n_ids, out);
     }
-    iov.iov_base = out->data;
-    iov.iov_len = out->len;
-    return nbds_reply_send(c, &iov, 1);
+    len = out->len;
+    iov.iov_base = g_byte_array_steal(out, NULL);
+    iov.iov_len = len;
+    return nbds_reply_send_owned(c, &iov, 1, iov.iov_base, len);
 }

@@ -295,6 +295,13 @@ bool nbds_reply_error(NbdsConn *c, const NbdsRequest *req, uint32_t nbd_error,
                       const char *fmt, ...) G_GNUC_PRINTF(4, 5);
 /* Send prepared chunks (headers included); blocks briefly at most.  Consumes IOV. */
 bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt);
+/*
+ * The same, taking OWNED (g_malloc'd, OWNED_LEN bytes, into which IOV's data
+ * entries point, or NULL): what the client cannot take at once is queued
+ * without copying it, and OWNED is freed once sent.
+ */
+bool nbds_reply_send_owned(NbdsConn *c, struct iovec *iov, int iovcnt, gpointer owned,
+                           size_t owned_len);
 /* After the last reply: wait until the queue is on the wire, stop the writer. */
 void nbds_reply_drain(NbdsConn *c);
 /* Encode one chunk header for REQ into BUF; returns its size. */

@@ -40,17 +40,62 @@ uint32_t nbds_errno_to_wire(int err)
     }
 }
 
-/* A reply, or what is left of it, waiting in the connection's out_queue. */
+/*
+ * A reply, or what is left of it, waiting in the connection's out_queue:
+ * the sender's data buffer itself (owned, never copied), and a copy of the
+ * small parts around it (chunk headers, built on the sender's stack).
+ */
 typedef struct {
-    uint8_t *data;
+    struct iovec *iov;             /* into copies or owned */
+    int iovcnt;
+    uint8_t *copies;
+    gpointer owned;
     size_t len;
 } NbdsOutBuf;
 
 static void out_buf_free(gpointer data)
 {
     NbdsOutBuf *b = data;
-    g_free(b->data);
+    g_free(b->iov);
+    g_free(b->copies);
+    g_free(b->owned);
     g_free(b);
+}
+
+/* What of IOV is left, queued: entries inside OWNED [OWNED_LEN] point into it, others are copied. */
+static NbdsOutBuf *out_buf_new(const struct iovec *iov, int iovcnt, gpointer owned,
+                               size_t owned_len)
+{
+    NbdsOutBuf *b = g_new0(NbdsOutBuf, 1);
+    const uint8_t *lo = owned, *hi = lo + owned_len;
+    size_t copied = 0;
+
+    b->iov = g_new(struct iovec, MAX(iovcnt, 1));
+    for (int i = 0; i < iovcnt; i++) {
+        const uint8_t *p = iov[i].iov_base;
+        if (iov[i].iov_len && !(owned && p >= lo && p + iov[i].iov_len <= hi)) {
+            copied += iov[i].iov_len;
+        }
+    }
+    b->copies = g_malloc(MAX(copied, 1));
+    copied = 0;
+    for (int i = 0; i < iovcnt; i++) {
+        const uint8_t *p = iov[i].iov_base;
+        if (iov[i].iov_len == 0) {     /* an empty entry may have no base */
+            continue;
+        }
+        if (owned && p >= lo && p + iov[i].iov_len <= hi) {
+            b->iov[b->iovcnt] = iov[i];
+        } else {
+            memcpy(b->copies + copied, p, iov[i].iov_len);
+            b->iov[b->iovcnt] = (struct iovec){ b->copies + copied, iov[i].iov_len };
+            copied += iov[i].iov_len;
+        }
+        b->len += iov[i].iov_len;
+        b->iovcnt++;
+    }
+    b->owned = owned;
+    return b;
 }
 
 /* Called with c->lock held: the connection is dead, drop what was waiting. */
@@ -89,7 +134,7 @@ static gpointer writer_thread(gpointer data)
         /* The head stays queued while it is sent, so later replies queue behind it. */
         b = g_queue_peek_head(&c->out_queue);
         g_mutex_unlock(&c->lock);
-        ok = nbds_conn_write(c, b->data, b->len);
+        ok = nbds_conn_writev(c, b->iov, b->iovcnt);
         g_mutex_lock(&c->lock);
         if (!ok) {
             mark_broken(c);
@@ -138,9 +183,15 @@ static bool send_now(NbdsConn *c, struct iovec **iovp, int *iovcntp)
 
 bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
 {
+    return nbds_reply_send_owned(c, iov, iovcnt, NULL, 0);
+}
+
+bool nbds_reply_send_owned(NbdsConn *c, struct iovec *iov, int iovcnt, gpointer owned,
+                           size_t owned_len)
+{
     g_autoptr(GError) error = NULL;
+    g_autofree uint8_t *owned_here = owned;      /* until it is queued */
     NbdsOutBuf *b;
-    size_t len = 0;
     bool direct;
 
     /* Serialises the workers' direct sends: each holds it for one non-blocking sendmsg. */
@@ -170,19 +221,7 @@ bool nbds_reply_send(NbdsConn *c, struct iovec *iov, int iovcnt)
         return true;
     }
     /* The client is slow to read: the rest waits for the writer, charged to the client. */
-    for (int i = 0; i < iovcnt; i++) {
-        len += iov[i].iov_len;
-    }
-    b = g_new(NbdsOutBuf, 1);
-    b->data = g_malloc(len);
-    b->len = len;
-    len = 0;
-    for (int i = 0; i < iovcnt; i++) {
-        if (iov[i].iov_len) {          /* an empty entry may have no base */
-            memcpy(b->data + len, iov[i].iov_base, iov[i].iov_len);
-            len += iov[i].iov_len;
-        }
-    }
+    b = out_buf_new(iov, iovcnt, g_steal_pointer(&owned_here), owned_len);
     nbds_budget_charge(c, b->len);
     g_mutex_lock(&c->lock);
     g_queue_push_tail(&c->out_queue, b);

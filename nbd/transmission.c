@@ -257,7 +257,7 @@ static bool do_read(NbdsConn *c, const NbdsRequest *req)
                                           runs[i].length };
         }
     }
-    return nbds_reply_send(c, iov, niov);
+    return nbds_reply_send_owned(c, iov, niov, g_steal_pointer(&buf), len);
 }
 
 /* Reply to a request with no data: success or the errno of the I/O. */
