@@ -7,7 +7,8 @@ Usage (as root; scripts/bench.sh builds nbdfs and installs what is missing first
     /usr/bin/python3 tests/bench/bench.py [OPTIONS]
 
     --runs N          measured runs per subject (default 3); the table shows median and range
-    --only W1,W3,...  run only these workloads (W1 W1b W2 W3 W4 W5 W6 W7 W8 B1 B2 B3 S1 S2)
+    --only W1,W3,...  run only these workloads (W1 W1b W2 W3 W4 W5 W6 W7 W8 W9 B1 B2 B3 S1
+                      S2)
     --nbdfs PATH      the nbdfs binary (default: $NBDFS, else build/fuse/nbdfs, else PATH)
     --quick           smaller sizes and shorter runs: a smoke run, figures indicative only
     --workdir DIR     where images and mounts go (default /dev/shm, a tmpfs)
@@ -56,6 +57,9 @@ Workloads (sizes in --quick mode in brackets)
          data byte of b0.img (fresh mount per run; the peak of the runs is reported); and the
          `nbdfs serve` of W7 (one bitmap, 1 TiB) at the end, with its VmHWM after each phase
          (dirty writes, W7, B2, W8 mounts) in the notes
+    W9   a VM disk's mix: fio 4 KiB random read/write 70/30, libaio qd32, O_DIRECT, an fsync
+         every 64 writes, for 10 s [3 s] over a 1 GiB [256 MiB] image; read + write IOPS,
+         through the mounts of W4
     B1   bitmap cost: `nbdcopy --flush` of 2 GiB [512 MiB] into `nbdfs serve` with 0 and
          with 3 enabled bitmaps; MiB/s
     B2   one block-status request for b0 over the 1 TiB export (libnbd block_status_filter,
@@ -83,6 +87,7 @@ Targets (PASS/MISS on the nbdfs rows; "x" = times the peer's median in the same 
     W5   <= 1 s            W6   nbdfs serve >= the best peer, read and write
     W7   <= 0.5 s; bytes <= 1/10 of the unfiltered walk (worst run)
     W8   mount <= 64 MiB; serve <= 16 MiB + 2 MiB per bitmap per TiB
+    W9   nbdfs >= nbdfuse and qsd nbd; nbdfs local >= qsd file
     B1   3 bitmaps >= 95% of none            B2   < 50 ms
     B3   2nd rewrite under a view >= 95% of no view; scratch <= bytes rewritten
     S1   worst <= 100 ms; memory <= 320 MiB  S2   growth <= 256 MiB (--max-buffered)
@@ -124,8 +129,8 @@ import hostile  # noqa: E402
 import nbdfs_test  # noqa: E402
 from pki import Pki  # noqa: E402
 
-ALL_WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "B1", "B2", "B3", "S1",
-                 "S2"]
+ALL_WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "B1", "B2", "B3",
+                 "S1", "S2"]
 
 
 def log(msg):
@@ -1101,6 +1106,50 @@ def w4(want):
 
 
 # ---------------------------------------------------------------------------------------
+# W9: a VM disk's mix
+
+def w9(want):
+    size = 256 * MiB if ARGS.quick else GiB
+    secs = 3 if ARGS.quick else 10
+    img = copy_file(data_file(size), new_path("w9-disk.img"))
+    wl = Workload("W9", "fio 4K randrw 70/30, qd32, O_DIRECT, fsync every 64 writes")
+    unit = "IOPS"
+    with contextlib.ExitStack() as st:
+        st.callback(lambda: os.path.exists(img) and os.unlink(img))
+        srv = start_qemu_nbd(img)
+        st.callback(srv.stop)
+        subjects = open_subjects(st, wl, unit, [
+            ("nbdfs", lambda: mount_nbdfs(srv.uri)),
+            ("nbdfs local", lambda: mount_nbdfs(img)),
+            ("nbdfuse", lambda: mount_nbdfuse(srv.uri)),
+            ("qsd nbd", lambda: mount_qsd_nbd(srv.sock)),
+            ("qsd file", lambda: mount_qsd_file(img)),
+        ])
+
+        def one(name, s, r):
+            j = fio_json(["--name=w9", "--filename=" + s.path, "--rw=randrw", "--rwmixread=70",
+                          "--bs=4k", "--ioengine=libaio", "--iodepth=32", "--direct=1",
+                          "--fsync=64", "--time_based", "--runtime=%d" % secs,
+                          "--size=%d" % size, "--norandommap", "--randrepeat=0",
+                          "--allow_file_create=0", "--group_reporting"], timeout=secs + 120)
+            job = j["jobs"][0]
+            if job.get("error"):
+                raise BenchError("fio error %s" % job["error"])
+            return job["read"]["iops"] + job["write"]["iops"]
+        measure(wl, subjects, unit, one)
+    wl.ratios("nbdfuse")
+    row = wl.rows.get("nbdfs")
+    peers = [v for v in (wl.med("nbdfuse"), wl.med("qsd nbd")) if v]
+    if row is not None and row.values and peers:
+        verdict(row, row.median >= max(peers), ">= %s IOPS (nbdfuse and qsd nbd)" % fmt(max(peers)))
+    local_target(wl, unit)
+    NOTES.append("W9: fio --rw=randrw --rwmixread=70 --bs=4k --iodepth=32 --direct=1 --fsync=64 "
+                 "for %d s over a %d MiB image of data; all subjects on one image (qemu-nbd "
+                 "serves it writable to the remote ones)." % (secs, size // MiB))
+    return [wl]
+
+
+# ---------------------------------------------------------------------------------------
 # W5: lseek walk
 
 def w5(want):
@@ -1821,7 +1870,7 @@ def main():
         log("nbdfs: %s; work directory %s" % (ARGS.nbdfs, WORK))
         build_seekwalk()
         steps = [("W1", w1), ("W1b", w1b), ("W2", w2), ("W3", w3), ("W4", w4), ("W5", w5),
-                 ("W6", w6), (None, w7_w8_b2), ("B1", b1), ("B3", b3), ("S1", s1),
+                 ("W6", w6), (None, w7_w8_b2), ("W9", w9), ("B1", b1), ("B3", b3), ("S1", s1),
                  ("S2", s2)]
         for name, fn in steps:
             if name is None:
