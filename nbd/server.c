@@ -6,6 +6,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -58,11 +59,31 @@ void nbds_export_free(NbdsExport *exp)
     g_free(exp);
 }
 
+/*
+ * Request payloads and read buffers (up to 32 MiB each) come and go by the
+ * thousand per second.  With glibc's defaults each large one is a fresh mmap,
+ * or the heap is trimmed under it, and all its pages fault in again: that
+ * halved write throughput (nbdcopy into the server: 450-940 MiB/s, 1,640-1,740
+ * with this).  Keep them in the heap, and let it keep up to 128 MiB free
+ * (what clients may make the server hold is bounded by --max-buffered).
+ */
+static void tune_allocator(void)
+{
+    static gsize done;
+
+    if (g_once_init_enter(&done)) {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        mallopt(M_TRIM_THRESHOLD, 128 << 20);
+        g_once_init_leave(&done, 1);
+    }
+}
+
 NbdsServer *nbds_server_new(const NbdsServerConfig *config, GError **error)
 {
     NbdsServer *s;
     NbdsTls *tls = NULL;
 
+    tune_allocator();
     if (config->tls != NBDS_TLS_OFF) {
         tls = nbds_tls_new(config->tls_creds, config->tls_psk, config->tls_verify_peer,
                            config->tls_psk_user, error);
