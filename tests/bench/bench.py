@@ -7,8 +7,8 @@ Usage (as root; scripts/bench.sh builds nbdfs and installs what is missing first
     /usr/bin/python3 tests/bench/bench.py [OPTIONS]
 
     --runs N          measured runs per subject (default 3); the table shows median and range
-    --only W1,W3,...  run only these workloads (W1 W1b W2 W3 W4 W5 W6 W7 W8 W9 B1 B2 B3 S1
-                      S2)
+    --only W1,W3,...  run only these workloads (W1 W1b W2 W3 W4 W5 W6 W7 W8 W9 B1 B2 B3 C1
+                      C3 S1 S2)
     --nbdfs PATH      the nbdfs binary (default: $NBDFS, else build/fuse/nbdfs, else PATH)
     --quick           smaller sizes and shorter runs: a smoke run, figures indicative only
     --workdir DIR     where images and mounts go (default /dev/shm, a tmpfs)
@@ -69,6 +69,12 @@ Workloads (sizes in --quick mode in brackets)
          rewritten for the first time since the view began: its old data is copied to the
          scratch file first), and the same again (nothing left to copy); MiB/s.  And the
          scratch file's size on disk against the bytes rewritten
+    C1   how the lseek walk grows: W5's walk through `nbdfs mount` of qemu-nbd over 10k, 100k
+         and 1M [1k, 10k, 100k] data extents (a fresh mount per run): microseconds per
+         extent, and the mount's VmHWM (MiB)
+    C3   a 64 TiB export (sparse, 1 MiB of data at its start and end) through qemu-nbd:
+         seconds from starting the mount to its file being there, and to the first 4 KiB
+         and the last 4 KiB read (O_DIRECT); nbdfs, nbdfuse, qsd nbd
     S1   servers under slow readers: 20 clients queue 64 READs of 1 MiB each and take their
          replies at ~1.25 MiB/s while another client does 4 KiB reads for 5 s [2 s]: its
          worst and 99th-percentile latency (ms), and the server's VmHWM (MiB); nbdfs serve,
@@ -90,6 +96,8 @@ Targets (PASS/MISS on the nbdfs rows; "x" = times the peer's median in the same 
     W9   nbdfs >= nbdfuse and qsd nbd; nbdfs local >= qsd file
     B1   3 bitmaps >= 95% of none            B2   < 50 ms
     B3   2nd rewrite under a view >= 95% of no view; scratch <= bytes rewritten
+    C1   per-extent time at the most extents <= 1.5x at the fewest; VmHWM <= 64 MiB
+    C3   mount <= 1 s; first and last byte <= 0.1 s after it
     S1   worst <= 100 ms; memory <= 320 MiB  S2   growth <= 256 MiB (--max-buffered)
 
 Bytes are checked: samples of what each mount read against the image (W1), of what each
@@ -106,6 +114,7 @@ import contextlib
 import datetime
 import errno
 import json
+import mmap
 import os
 import random
 import shutil
@@ -130,7 +139,7 @@ import nbdfs_test  # noqa: E402
 from pki import Pki  # noqa: E402
 
 ALL_WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "B1", "B2", "B3",
-                 "S1", "S2"]
+                 "C1", "C3", "S1", "S2"]
 
 
 def log(msg):
@@ -1106,6 +1115,124 @@ def w4(want):
 
 
 # ---------------------------------------------------------------------------------------
+# C1, C3: how costs grow with the work
+
+def c1(want):
+    counts = [1000, 10000, 100000] if ARGS.quick else [10000, 100000, 1000000]
+    wl = Workload("C1", "lseek walk through nbdfs mount, by extent count")
+    for n in counts:
+        img = new_path("c1-extents.img")
+        make_sparse(img, n * 64 * 1024, n, 4096)
+        label = "%dk extents" % (n // 1000)
+        t_row = wl.row(label, "us/ext", better="lower", sub="C1 time")
+        m_row = wl.row(label, "MiB", better="lower", sub="C1 memory")
+        try:
+            with contextlib.ExitStack() as st:
+                st.callback(lambda: os.path.exists(img) and os.unlink(img))
+                srv = start_qemu_nbd(img, readonly=True)
+                st.callback(srv.stop)
+                for r in range(ARGS.runs):
+                    m = mount_nbdfs(srv.uri, readonly=True)
+                    try:
+                        cnt, data, secs = seekwalk(m.path, timeout=600)
+                        peak = vm_hwm_kib(m.proc.pid) / 1024
+                    finally:
+                        m.close()
+                    if cnt != n or data != n * 4096:
+                        raise BenchError("walk found %d extents / %d bytes, expected %d / %d"
+                                         % (cnt, data, n, n * 4096))
+                    t_row.values.append(secs / n * 1e6)
+                    m_row.values.append(peak)
+                    log("C1 run %d/%d %s: %s us/extent, %s MiB" % (r + 1, ARGS.runs, label,
+                                                                    fmt(secs / n * 1e6), fmt(peak)))
+            m_row.agg = max(m_row.values)
+        except Exception as e:
+            t_row.error = first_line(e)
+            ERRORS.append("C1 %s: %s" % (label, e))
+    first, last = ("%dk extents" % (counts[0] // 1000), "%dk extents" % (counts[-1] // 1000))
+    wl.ratios(first, sub="C1 time")
+    wl.ratios(first, sub="C1 memory")
+    lo, hi = wl.med(first, sub="C1 time"), wl.get(last, sub="C1 time")
+    if lo and hi is not None and hi.values:
+        verdict(hi, hi.median <= 1.5 * lo, "<= %s us/ext (1.5x at %s)" % (fmt(1.5 * lo), first))
+    mem = wl.get(last, sub="C1 memory")
+    if mem is not None and mem.values:
+        verdict(mem, mem.median <= 64, "<= 64 MiB (peak of the runs)")
+    NOTES.append("C1: the W5 walk (4 KiB of data every 64 KiB) through a fresh `nbdfs mount` of "
+                 "qemu-nbd per run; VmHWM of the mount process after the walk.")
+    return [wl]
+
+
+def c3(want):
+    size = 64 * TiB
+    img = new_path("c3-64t.img")
+    make_sparse(img, size, 2, MiB)     # data at the start and at the middle...
+    with open(img, "r+b") as f:        # ...and the last MiB
+        f.seek(size - MiB)
+        f.write(random.Random(3).randbytes(MiB))
+    wl = Workload("C3", "64 TiB export: mount, first and last 4 KiB")
+    with contextlib.ExitStack() as st:
+        st.callback(lambda: os.path.exists(img) and os.unlink(img))
+        srv = start_qemu_nbd(img, readonly=True)
+        st.callback(srv.stop)
+        with open(img, "rb") as f:
+            want_first = f.read(4096)
+            f.seek(size - 4096)
+            want_last = f.read(4096)
+        makers = [("nbdfs", lambda: mount_nbdfs(srv.uri, readonly=True)),
+                  ("nbdfuse", lambda: mount_nbdfuse(srv.uri, readonly=True)),
+                  ("qsd nbd", lambda: mount_qsd_nbd(srv.sock, readonly=True))]
+        for r in range(ARGS.runs):
+            for name, mk in makers:
+                rows = [wl.row(name, "s", better="lower", sub="C3 " + what)
+                        for what in ("mount", "first 4K", "last 4K")]
+                if any(row.error for row in rows):
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    m = mk()
+                    t1 = time.perf_counter()
+                    try:
+                        fd = os.open(m.path, os.O_RDONLY | os.O_DIRECT)
+                        try:
+                            buf = mmap_buffer(4096)
+                            os.preadv(fd, [buf], 0)
+                            first = bytes(buf)
+                            t2 = time.perf_counter()
+                            os.preadv(fd, [buf], size - 4096)
+                            last = bytes(buf)
+                            t3 = time.perf_counter()
+                        finally:
+                            os.close(fd)
+                    finally:
+                        m.close()
+                    if first != want_first or last != want_last:
+                        raise BenchError("wrong bytes at the start or end of the 64 TiB file")
+                    for row, v in zip(rows, (t1 - t0, t2 - t1, t3 - t2)):
+                        row.values.append(v)
+                    log("C3 run %d/%d %s: mount %s s, first %s s, last %s s"
+                        % (r + 1, ARGS.runs, name, fmt(t1 - t0), fmt(t2 - t1), fmt(t3 - t2)))
+                except Exception as e:
+                    for row in rows:
+                        row.error = first_line(e)
+                    ERRORS.append("C3 %s: %s" % (name, e))
+        for what in ("mount", "first 4K", "last 4K"):
+            wl.ratios("nbdfuse", sub="C3 " + what)
+            row = wl.get("nbdfs", sub="C3 " + what)
+            if row is not None and row.values:
+                bound = 1.0 if what == "mount" else 0.1
+                verdict(row, row.median <= bound, "<= %s s" % fmt(bound))
+    NOTES.append("C3: a 64 TiB sparse raw image on tmpfs served by qemu-nbd; a fresh mount per "
+                 "run; mount = until the benchmark sees the file; reads with O_DIRECT.")
+    return [wl]
+
+
+def mmap_buffer(size):
+    """A page-aligned buffer for O_DIRECT."""
+    return mmap.mmap(-1, size)
+
+
+# ---------------------------------------------------------------------------------------
 # W9: a VM disk's mix
 
 def w9(want):
@@ -1870,7 +1997,8 @@ def main():
         log("nbdfs: %s; work directory %s" % (ARGS.nbdfs, WORK))
         build_seekwalk()
         steps = [("W1", w1), ("W1b", w1b), ("W2", w2), ("W3", w3), ("W4", w4), ("W5", w5),
-                 ("W6", w6), (None, w7_w8_b2), ("W9", w9), ("B1", b1), ("B3", b3), ("S1", s1),
+                 ("W6", w6), (None, w7_w8_b2), ("W9", w9), ("B1", b1), ("B3", b3), ("C1", c1),
+                 ("C3", c3), ("S1", s1),
                  ("S2", s2)]
         for name, fn in steps:
             if name is None:
