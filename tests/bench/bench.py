@@ -8,7 +8,7 @@ Usage (as root; scripts/bench.sh builds nbdfs and installs what is missing first
 
     --runs N          measured runs per subject (default 3); the table shows median and range
     --only W1,W3,...  run only these workloads (W1 W1b W2 W3 W4 W5 W6 W7 W8 W9 B1 B2 B3 C1
-                      C3 S1 S2)
+                      C2 C3 S1 S2)
     --nbdfs PATH      the nbdfs binary (default: $NBDFS, else build/fuse/nbdfs, else PATH)
     --quick           smaller sizes and shorter runs: a smoke run, figures indicative only
     --workdir DIR     where images and mounts go (default /dev/shm, a tmpfs)
@@ -72,6 +72,9 @@ Workloads (sizes in --quick mode in brackets)
     C1   how the lseek walk grows: W5's walk through `nbdfs mount` of qemu-nbd over 10k, 100k
          and 1M [1k, 10k, 100k] data extents (a fresh mount per run): microseconds per
          extent, and the mount's VmHWM (MiB)
+    C2   how dirty/b0.map grows with the export: 1, 16 and 64 TiB exports of `nbdfs serve`
+         with bitmap b0 (1 MiB granularity) holding the same 1,000 dirty runs; seconds to
+         read b0.map on a fresh mount, and bytes the mount received (counting proxy)
     C3   a 64 TiB export (sparse, 1 MiB of data at its start and end) through qemu-nbd:
          seconds from starting the mount to its file being there, and to the first 4 KiB
          and the last 4 KiB read (O_DIRECT); nbdfs, nbdfuse, qsd nbd
@@ -97,6 +100,7 @@ Targets (PASS/MISS on the nbdfs rows; "x" = times the peer's median in the same 
     B1   3 bitmaps >= 95% of none            B2   < 50 ms
     B3   2nd rewrite under a view >= 95% of no view; scratch <= bytes rewritten
     C1   per-extent time at the most extents <= 1.5x at the fewest; VmHWM <= 64 MiB
+    C2   time and bytes at 64 TiB <= 1.5x at 1 TiB
     C3   mount <= 1 s; first and last byte <= 0.1 s after it
     S1   worst <= 100 ms; memory <= 320 MiB  S2   growth <= 256 MiB (--max-buffered)
 
@@ -139,7 +143,7 @@ import nbdfs_test  # noqa: E402
 from pki import Pki  # noqa: E402
 
 ALL_WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "B1", "B2", "B3",
-                 "C1", "C3", "S1", "S2"]
+                 "C1", "C2", "C3", "S1", "S2"]
 
 
 def log(msg):
@@ -1163,6 +1167,69 @@ def c1(want):
     return [wl]
 
 
+def c2(want):
+    nruns = 1000
+    wl = Workload("C2", "dirty/b0.map by export size")
+    for tib in (1, 16, 64):
+        label = "%d TiB" % tib
+        t_row = wl.row(label, "s", better="lower", sub="C2 time")
+        b_row = wl.row(label, "KiB", better="lower", sub="C2 bytes")
+        img = new_path("c2.img")
+        try:
+            with contextlib.ExitStack() as st:
+                st.callback(lambda: [os.unlink(p) for p in (img, img + ".bitmaps")
+                                     if os.path.exists(p)])
+                with open(img, "wb") as f:
+                    f.truncate(tib * TiB)
+                run([ARGS.nbdfs, "bitmap", "add", "-g", "1M", img, "b0"], timeout=60)
+                srv = start_nbdfs_serve(img)
+                st.callback(srv.stop)
+                import nbd
+                h = nbd.NBD()
+                h.connect_unix(srv.sock)
+                runs = []
+                for i in range(nruns):             # the same runs, within the first TiB
+                    h.pwrite(b"\x5a" * 4096, i * GiB)
+                    runs.append((i * GiB, MiB))
+                h.flush()
+                h.shutdown()
+                h.close()
+                want_map = expected_map(runs)
+                proxy = Proxy(srv.sock)
+                st.callback(proxy.stop)
+                for r in range(ARGS.runs):
+                    m = mount_nbdfs(proxy.uri())
+                    try:
+                        drop_caches()
+                        before = proxy.counts()[1]
+                        t1 = time.perf_counter()
+                        with open(os.path.join(m.mnt, "dirty", "b0.map")) as f:
+                            text = f.read()
+                        dt = time.perf_counter() - t1
+                        got = proxy.counts()[1] - before
+                    finally:
+                        m.close()
+                    if text != want_map:
+                        raise BenchError("b0.map of %s is wrong: %d lines, expected %d"
+                                         % (label, text.count("\n"), nruns))
+                    t_row.values.append(dt)
+                    b_row.values.append(got / 1024)
+                    log("C2 run %d/%d %s: %s s, %s KiB" % (r + 1, ARGS.runs, label, fmt(dt),
+                                                         fmt(got / 1024)))
+        except Exception as e:
+            t_row.error = b_row.error = first_line(e)
+            ERRORS.append("C2 %s: %s" % (label, e))
+    for sub in ("C2 time", "C2 bytes"):
+        wl.ratios("1 TiB", sub=sub)
+        lo, hi = wl.med("1 TiB", sub=sub), wl.get("64 TiB", sub=sub)
+        if lo and hi is not None and hi.values:
+            verdict(hi, hi.median <= 1.5 * lo, "<= %s (1.5x at 1 TiB)" % fmt(1.5 * lo))
+    NOTES.append("C2: sparse images on tmpfs; b0 (1 MiB granularity) dirty at 1,000 places in "
+                 "the first TiB; the mount reaches `nbdfs serve` through a counting proxy "
+                 "(bytes: server to mount, while b0.map is read).")
+    return [wl]
+
+
 def c3(want):
     size = 64 * TiB
     img = new_path("c3-64t.img")
@@ -1998,7 +2065,7 @@ def main():
         build_seekwalk()
         steps = [("W1", w1), ("W1b", w1b), ("W2", w2), ("W3", w3), ("W4", w4), ("W5", w5),
                  ("W6", w6), (None, w7_w8_b2), ("W9", w9), ("B1", b1), ("B3", b3), ("C1", c1),
-                 ("C3", c3), ("S1", s1),
+                 ("C2", c2), ("C3", c3), ("S1", s1),
                  ("S2", s2)]
         for name, fn in steps:
             if name is None:
