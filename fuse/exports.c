@@ -14,7 +14,9 @@
 #include "mount.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <gio/gio.h>
 
@@ -28,6 +30,9 @@ NbdfsMount *nbdfs_fs_add_export(NbdfsFs *fs, const char *ask_name, const char *d
 
     m->fs = fs;
     m->source = fs->source;
+    /* Its own descriptor: it outlives the source, as FUSE requests may. */
+    m->local_read_fd = fs->source->local_read_fd >= 0 ?
+                       fcntl(fs->source->local_read_fd, F_DUPFD_CLOEXEC, 0) : -1;
     m->ask_name = g_strdup(ask_name);
     m->dir_name = g_strdup(dir_name);
     /* Export i's inodes: (i + 1) << 32 plus those of inodes.c; the top is 1. */
@@ -46,6 +51,9 @@ NbdfsMount *nbdfs_fs_add_export(NbdfsFs *fs, const char *ask_name, const char *d
 
 void nbdfs_fs_free_export(NbdfsMount *m)
 {
+    if (m->local_read_fd >= 0) {
+        close(m->local_read_fd);
+    }
     nbdfs_files_forget(m);
     nbdfs_pending_free(m->pending);
     if (m->bitmaps) {

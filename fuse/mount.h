@@ -102,6 +102,7 @@ typedef struct {
     char *image;                   /* local image path; NULL for a URI or a command */
     char *format;                  /* the image's format ("raw", "qcow2", ...) */
     NbdsServer *server;            /* local raw image: the bundled server */
+    int local_read_fd;             /* the same, read-only: its image, read directly (or -1) */
     NbdfsSpawned *spawned;         /* a server started for us */
     GPtrArray *skipped_bitmaps;    /* persistent bitmaps qemu cannot export (char *) */
     bool shut_down;
@@ -293,6 +294,7 @@ struct NbdfsMount {
     gint64 failed_at;              /* monotonic us, when FAILED */
 
     NbdfsSource *source;           /* the fs's */
+    int local_read_fd;             /* a read-only local raw image, read directly; or -1 */
     NbdfsConn **conns;
     unsigned n_conns;
     guint next_conn;               /* round robin */

@@ -147,6 +147,20 @@ void nbdfs_export_read(fuse_req_t req, NbdfsMount *m, size_t size, off_t off)
         return;
     }
     hi = off + MIN(size, m->size - off);
+    if (m->read_only && m->local_read_fd >= 0) {
+        /*
+         * A read-only mount of a local raw image: nothing can be written
+         * meanwhile, and the bundled server would only pread the same file;
+         * read it here, with no handoff to another thread (libfuse reads the
+         * descriptor into the reply, or splices it).
+         */
+        struct fuse_bufvec bv = FUSE_BUFVEC_INIT(hi - off);
+        bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY;
+        bv.buf[0].fd = m->local_read_fd;
+        bv.buf[0].pos = off;
+        fuse_reply_data(req, &bv, FUSE_BUF_SPLICE_MOVE);
+        return;
+    }
     align_out(m, &lo, &hi);
     /* A write answered before it completed may still be on its way. */
     nbdfs_pending_wait_range(m, lo, hi - lo);

@@ -168,6 +168,7 @@ NbdfsSource *nbdfs_source_open(const char *spec, char **command, bool read_only,
     g_auto(GStrv) qemu_nbd = NULL;
 
     src->spec = g_strdup(spec);
+    src->local_read_fd = -1;
     if (command) {
         src->spawned = nbdfs_spawn_start(command, error);
         return src->spawned ? g_steal_pointer(&src) : NULL;
@@ -187,9 +188,14 @@ NbdfsSource *nbdfs_source_open(const char *spec, char **command, bool read_only,
             .any_format = format != NULL,
             .control = true,       /* `nbdfs bitmap` works on a mounted image too */
         }, error);
-        if (!src->server || !nbds_server_add_export(src->server, src->image, error) ||
+        NbdsExport *exp = NULL;
+
+        if (!src->server || !(exp = nbds_server_add_export(src->server, src->image, error)) ||
             !nbds_server_start_control(src->server, error)) {
             return NULL;
+        }
+        if (read_only) {
+            src->local_read_fd = nbds_export_image_fd(exp);
         }
         return g_steal_pointer(&src);
     }

@@ -227,6 +227,11 @@ NbdsExport *nbds_server_add_export(NbdsServer *s, const char *path, GError **err
     return exp;
 }
 
+int nbds_export_image_fd(const NbdsExport *exp)
+{
+    return nbds_image_fd(exp->image);
+}
+
 uint16_t nbds_export_flags(const NbdsExport *exp)
 {
     /*

@@ -55,6 +55,8 @@ NbdsServer *nbds_server_new(const NbdsServerConfig *config, GError **error);
  * of another format (qcow2, ...) is refused unless the config's any_format.
  */
 NbdsExport *nbds_server_add_export(NbdsServer *server, const char *path, GError **error);
+/* The descriptor EXP's image is served from (the server's: not to be closed). */
+int nbds_export_image_fd(const NbdsExport *exp);
 
 /* Listening sockets: a unix socket, TCP, or an already listening fd (socket activation). */
 /* A unix socket at PATH with permissions MODE (it is created owner-only first). */
