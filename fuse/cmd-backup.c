@@ -95,25 +95,14 @@ int nbdfs_cmd_backup(int argc, char **argv)
     g_autoptr(GError) error = NULL;
     g_autoptr(GPtrArray) lines = g_ptr_array_new_with_free_func((GDestroyNotify)g_strfreev);
     size_t which;
+    int status;
     const char *image;
     int nparams;
 
-    if (argc < 2) {
-        usage(stderr);
-        return 1;
-    }
-    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
-        usage(stdout);
-        return 0;
-    }
-    for (which = 0; which < G_N_ELEMENTS(ops); which++) {
-        if (strcmp(argv[1], ops[which].name) == 0) {
-            break;
-        }
-    }
-    if (which == G_N_ELEMENTS(ops)) {
-        nbdfs_error("backup", "unknown backup command '%s' (see 'nbdfs backup --help')", argv[1]);
-        return 1;
+    status = nbdfs_pick_subcommand("backup", argc, argv, ops, G_N_ELEMENTS(ops), sizeof(ops[0]),
+                                   usage, &which);
+    if (status >= 0) {
+        return status;
     }
     cmdname = g_strdup_printf("backup %s", ops[which].name);
     {

@@ -142,25 +142,14 @@ int nbdfs_cmd_bitmap(int argc, char **argv)
     g_autoptr(NbdsBitmapSet) set = NULL;
     guint64 granularity = NBDS_BITMAP_DEFAULT_GRANULARITY;
     size_t which;
+    int status;
     int nparams;
     const char *image, *name = NULL;
 
-    if (argc < 2) {
-        usage(stderr);
-        return 1;
-    }
-    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
-        usage(stdout);
-        return 0;
-    }
-    for (which = 0; which < G_N_ELEMENTS(ops); which++) {
-        if (strcmp(argv[1], ops[which].name) == 0) {
-            break;
-        }
-    }
-    if (which == G_N_ELEMENTS(ops)) {
-        nbdfs_error("bitmap", "unknown bitmap command '%s' (see 'nbdfs bitmap --help')", argv[1]);
-        return 1;
+    status = nbdfs_pick_subcommand("bitmap", argc, argv, ops, G_N_ELEMENTS(ops), sizeof(ops[0]),
+                                   usage, &which);
+    if (status >= 0) {
+        return status;
     }
     cmdname = g_strdup_printf("bitmap %s", ops[which].name);
     {

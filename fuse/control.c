@@ -84,22 +84,6 @@ void nbdfs_control_accept(NbdfsFs *fs)
     g_array_append_val(fs->control_waiters, fd);
 }
 
-/* Write all of BUF to FD (blocking, the peer is waiting for it). */
-static void send_all(int fd, const char *buf, size_t len)
-{
-    while (len > 0) {
-        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n <= 0) {
-            return;
-        }
-        buf += n;
-        len -= n;
-    }
-}
-
 void nbdfs_control_finish(NbdfsFs *fs, const char *messages, int status)
 {
     g_autoptr(GString) out = g_string_new(NULL);
@@ -120,7 +104,7 @@ void nbdfs_control_finish(NbdfsFs *fs, const char *messages, int status)
     g_string_append_printf(out, "status %d\n", status);
     for (guint i = 0; i < fs->control_waiters->len; i++) {
         int fd = g_array_index(fs->control_waiters, int, i);
-        send_all(fd, out->str, out->len);
+        nbds_send_all(fd, out->str, out->len);
         close(fd);
     }
     g_clear_pointer(&fs->control_waiters, g_array_unref);

@@ -47,6 +47,27 @@ void nbdfs_json_string(GString *out, const char *s)
     g_string_append_c(out, '"');
 }
 
+int nbdfs_pick_subcommand(const char *group, int argc, char **argv, const void *table,
+                          size_t n, size_t stride, void (*usage)(FILE *out), size_t *which)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 1;
+    }
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    for (*which = 0; *which < n; (*which)++) {
+        const char *name = *(const char *const *)((const char *)table + *which * stride);
+        if (strcmp(argv[1], name) == 0) {
+            return -1;
+        }
+    }
+    nbdfs_error(group, "unknown %s command '%s' (see 'nbdfs %s --help')", group, argv[1], group);
+    return 1;
+}
+
 gboolean nbdfs_parse_options(const char *subcommand, const char *params, const char *summary,
                              const GOptionEntry *entries, int *argc, char ***argv)
 {

@@ -4,6 +4,8 @@
 
 #include <stdbool.h>
 
+#include <stdio.h>
+
 #include <glib.h>
 
 /* Each subcommand's entry point: argv[0] is the subcommand's name. */
@@ -40,6 +42,15 @@ gboolean nbdfs_parse_options(const char *subcommand, const char *params, const c
  * the brackets are wrong.
  */
 gboolean nbdfs_split_command(const char *subcommand, int *argc, char **argv, char ***command);
+
+/*
+ * The subcommand ARGV[1] of GROUP ("bitmap", "backup") in TABLE: N structs
+ * of STRIDE bytes, each starting with its name (const char *).  Returns -1
+ * with *WHICH set when found; otherwise the exit status, having printed
+ * USAGE (no subcommand, --help) or an error.
+ */
+int nbdfs_pick_subcommand(const char *group, int argc, char **argv, const void *table,
+                          size_t n, size_t stride, void (*usage)(FILE *out), size_t *which);
 
 /* Append S as a JSON string (UTF-8 passes through; quotes and controls escaped). */
 void nbdfs_json_string(GString *out, const char *s);

@@ -164,7 +164,7 @@ static char *read_line(int fd, GString *buffer)
     }
 }
 
-static void send_all(int fd, const char *buf, size_t len)
+void nbds_send_all(int fd, const char *buf, size_t len)
 {
     while (len > 0) {
         ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
@@ -302,7 +302,7 @@ static void serve_client(NbdsServer *s, ControlSocket *cs, int fd)
         g_autofree char *reply = encode_line(words);
         g_string_append(out, reply);
     }
-    send_all(fd, out->str, out->len);
+    nbds_send_all(fd, out->str, out->len);
 }
 
 static gpointer control_thread(gpointer data)
@@ -446,7 +446,7 @@ bool nbds_image_control_call(const char *image, const char *const *argv, GPtrArr
         goto out;
     }
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    send_all(fd, request, strlen(request));
+    nbds_send_all(fd, request, strlen(request));
     for (;;) {
         g_autofree char *line = read_line(fd, buffer);
         g_auto(GStrv) words = line ? decode_line(line) : NULL;

@@ -91,6 +91,8 @@ void nbds_server_wait_idle(NbdsServer *server);
 bool nbds_server_shutdown(NbdsServer *server);
 void nbds_server_free(NbdsServer *server);
 
+/* Write all of BUF to the socket FD, blocking (a control client waits for it); gives up on error. */
+void nbds_send_all(int fd, const char *buf, size_t len);
 /*
  * For `nbdfs bitmap` and `nbdfs backup`: send the request ARGV to the
  * server holding IMAGE, through IMAGE.control; the words of each "info"

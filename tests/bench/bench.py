@@ -1079,6 +1079,17 @@ def check_copy(name, img, dst, size, stride, ext_len):
 # ---------------------------------------------------------------------------------------
 # W4: sequential write
 
+def writable_mounts(srv, img):
+    """The makers of the write workloads' subjects: SRV (qemu-nbd of IMG) and IMG itself."""
+    return [
+        ("nbdfs", lambda: mount_nbdfs(srv.uri)),
+        ("nbdfs local", lambda: mount_nbdfs(img)),
+        ("nbdfuse", lambda: mount_nbdfuse(srv.uri)),
+        ("qsd nbd", lambda: mount_qsd_nbd(srv.sock)),
+        ("qsd file", lambda: mount_qsd_file(img)),
+    ]
+
+
 def w4(want):
     size = 128 * MiB if ARGS.quick else GiB
     src = data_file(read_size())
@@ -1091,13 +1102,7 @@ def w4(want):
         st.callback(lambda: os.path.exists(img) and os.unlink(img))
         srv = start_qemu_nbd(img)
         st.callback(srv.stop)
-        makers = [
-            ("nbdfs", lambda: mount_nbdfs(srv.uri)),
-            ("nbdfs local", lambda: mount_nbdfs(img)),
-            ("nbdfuse", lambda: mount_nbdfuse(srv.uri)),
-            ("qsd nbd", lambda: mount_qsd_nbd(srv.sock)),
-            ("qsd file", lambda: mount_qsd_file(img)),
-        ]
+        makers = writable_mounts(srv, img)
         subjects = open_subjects(st, wl, unit, makers)
         index = {name: i for i, (name, _) in enumerate(makers)}
         skips = {}
@@ -1312,13 +1317,7 @@ def w9(want):
         st.callback(lambda: os.path.exists(img) and os.unlink(img))
         srv = start_qemu_nbd(img)
         st.callback(srv.stop)
-        subjects = open_subjects(st, wl, unit, [
-            ("nbdfs", lambda: mount_nbdfs(srv.uri)),
-            ("nbdfs local", lambda: mount_nbdfs(img)),
-            ("nbdfuse", lambda: mount_nbdfuse(srv.uri)),
-            ("qsd nbd", lambda: mount_qsd_nbd(srv.sock)),
-            ("qsd file", lambda: mount_qsd_file(img)),
-        ])
+        subjects = open_subjects(st, wl, unit, writable_mounts(srv, img))
 
         def one(name, s, r):
             j = fio_json(["--name=w9", "--filename=" + s.path, "--rw=randrw", "--rwmixread=70",
