@@ -17,12 +17,13 @@
  * Threads: copiers (workers running writes) take the view's copy_lock; view
  * readers take no lock at all.  A reader reads a cluster from the scratch
  * file when its copied bit is set (that data never changes again), else
- * from the image, and then checks the bit again: a cluster copied while it
- * was being read may have new data in the image, so it is read again from
- * the scratch file.  This is sound because a cluster's bit is set (release)
- * after its old data is in the scratch file and before the image changes,
- * and bits are never cleared.  So readers never wait for writers, and
- * writers never wait for readers, however many a backup copy runs.
+ * from the image, and then looks at the bits again: it keeps what it read
+ * only up to the first cluster copied meanwhile (that one may have new
+ * data in the image), and reads the rest again, from the scratch file
+ * where copied.  This is sound because a cluster's bit is set after its old
+ * data is in the scratch file and before the image changes (fences on both
+ * sides), and bits are never cleared.  So readers never wait for writers,
+ * and writers never wait for readers, however many a backup copy runs.
  *
  * A copy that fails (ENOSPC in the scratch file) breaks the view before the
  * image changes: the write goes on, and the view's reads fail with EIO from
@@ -128,7 +129,7 @@ static void preserve(NbdsBackupView *v, uint64_t offset, uint64_t len)
         return;
     }
     g_mutex_lock(&v->copy_lock);
-    for (uint64_t pos = offset / CLUSTER * CLUSTER; pos < end;) {
+    for (uint64_t pos = offset / CLUSTER * CLUSTER; pos < end && !g_atomic_int_get(&v->broken);) {
         uint64_t next = nbds_bitmap_run_end(v->copied, pos, end);
         if (!nbds_bitmap_test(v->copied, pos)) {
             for (uint64_t c = pos; c < next; c += CLUSTER) {
@@ -137,9 +138,11 @@ static void preserve(NbdsBackupView *v, uint64_t offset, uint64_t len)
                     break_view(v, err);
                     goto out;
                 }
-                /* The old data is in place before anyone may rely on the bit. */
+                /* The old data is in place before anyone may rely on the bit... */
                 __atomic_thread_fence(__ATOMIC_RELEASE);
                 nbds_bitmap_set(v->copied, c, 1);
+                /* ...and the bit is set before the image changes. */
+                __atomic_thread_fence(__ATOMIC_SEQ_CST);
             }
         }
         pos = next;
@@ -155,11 +158,24 @@ void nbds_backup_before_write(NbdsExport *exp, uint64_t offset, uint64_t len)
     }
 }
 
-/* Whether OFFSET's cluster, read from the image, was copied meanwhile (see the top). */
-static bool copied_since(NbdsBackupView *v, uint64_t offset)
+/*
+ * [OFFSET, END) was read from the image: how much of it still holds the
+ * view's bytes (see the top), up to the first cluster copied meanwhile.
+ * Nothing (at most OFFSET) when OFFSET's own cluster was.
+ */
+static uint64_t still_valid(NbdsBackupView *v, uint64_t offset, uint64_t end)
 {
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);      /* the image's bytes were read first */
+    return nbds_bitmap_next_set(v->copied, offset, end);
+}
+
+/* Whether OFFSET's cluster is in the scratch file; what is read there after this is its. */
+static bool is_copied(NbdsBackupView *v, uint64_t offset)
+{
+    bool copied = nbds_bitmap_test(v->copied, offset);
+
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    return nbds_bitmap_test(v->copied, offset);
+    return copied;
 }
 
 int nbds_backup_view_pread(NbdsBackupView *v, void *buf, uint64_t len, uint64_t offset)
@@ -168,7 +184,7 @@ int nbds_backup_view_pread(NbdsBackupView *v, void *buf, uint64_t len, uint64_t 
     uint64_t end = offset + len;
 
     for (uint64_t pos = offset; pos < end;) {
-        bool copied = nbds_bitmap_test(v->copied, pos);
+        bool copied = is_copied(v, pos);
         uint64_t run_end = nbds_bitmap_run_end(v->copied, pos, end);
         int err = nbds_image_pread(copied ? v->scratch : v->source->image, p + (pos - offset),
                                    run_end - pos, pos);
@@ -176,10 +192,10 @@ int nbds_backup_view_pread(NbdsBackupView *v, void *buf, uint64_t len, uint64_t 
             return err;
         }
         if (!copied) {
-            if (copied_since(v, pos)) {
+            run_end = still_valid(v, pos, run_end);
+            if (run_end <= pos) {
                 continue;                          /* again, from the scratch file */
             }
-            run_end = nbds_bitmap_run_end(v->copied, pos, run_end);
         }
         pos = run_end;
     }
@@ -190,7 +206,7 @@ int nbds_backup_view_next_run(NbdsBackupView *v, uint64_t offset, uint64_t end,
                               bool *is_hole, uint64_t *run_end)
 {
     for (;;) {
-        bool copied = nbds_bitmap_test(v->copied, offset);
+        bool copied = is_copied(v, offset);
         uint64_t same = nbds_bitmap_run_end(v->copied, offset, end);
         int err = nbds_image_next_run(copied ? v->scratch : v->source->image, offset, same,
                                       is_hole, run_end);
@@ -200,8 +216,8 @@ int nbds_backup_view_next_run(NbdsBackupView *v, uint64_t offset, uint64_t end,
         if (copied) {
             break;
         }
-        if (!copied_since(v, offset)) {
-            *run_end = nbds_bitmap_run_end(v->copied, offset, *run_end);
+        *run_end = still_valid(v, offset, *run_end);
+        if (*run_end > offset) {
             break;
         }
     }
@@ -274,6 +290,12 @@ static bool backup_begin(NbdsServer *s, NbdsExport *src, const char *view_name,
     if (!view_name_valid(s, name, error)) {
         return false;
     }
+    if (!scratch_dir[0] && nbds_image_is_block_device(src->image)) {
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                    "the image is a block device: name a directory for the scratch file "
+                    "(--scratch DIR)");
+        return false;
+    }
     if (bitmap[0] && !nbds_bitmaps_find(src->bitmaps, bitmap)) {
         g_set_error(error, G_IO_ERROR, G_IO_ERROR_NOT_FOUND, "no bitmap named '%s'", bitmap);
         return false;
@@ -299,7 +321,7 @@ static bool backup_begin(NbdsServer *s, NbdsExport *src, const char *view_name,
                                              v->started);
 
     /* The instant: no write is half done while the view starts and NAME restarts. */
-    g_rw_lock_writer_lock(&src->gate);
+    pthread_rwlock_wrlock(&src->gate);
     if (bitmap[0]) {
         NbdsBitmap *bm = nbds_bitmaps_find(src->bitmaps, bitmap);
         g_autofree char *context = g_strconcat("qemu:dirty-bitmap:", bitmap, NULL);
@@ -310,7 +332,7 @@ static bool backup_begin(NbdsServer *s, NbdsExport *src, const char *view_name,
         if (!nbds_bitmaps_edit_in_use(src->bitmaps, NBDS_BITMAP_CLEAR, bitmap, 0, &saved,
                                       error) || !saved) {
             nbds_bitmap_merge(bm, v->frozen);     /* as it was: nothing is lost */
-            g_rw_lock_writer_unlock(&src->gate);
+            pthread_rwlock_unlock(&src->gate);
             g_prefix_error(error, "bitmap '%s' could not restart: ", bitmap);
             view_free(v);
             return false;
@@ -318,7 +340,7 @@ static bool backup_begin(NbdsServer *s, NbdsExport *src, const char *view_name,
         nbds_meta_add(v->export, context, frozen_extents, v->frozen);
     }
     g_ptr_array_add(src->views, v);
-    g_rw_lock_writer_unlock(&src->gate);
+    pthread_rwlock_unlock(&src->gate);
 
     g_mutex_lock(&s->exports_lock);
     g_ptr_array_add(s->exports, v->export);
@@ -389,12 +411,12 @@ static bool backup_finish(NbdsServer *s, NbdsExport *src, const char *view_name,
         return false;
     }
 
-    g_rw_lock_writer_lock(&src->gate);
+    pthread_rwlock_wrlock(&src->gate);
     g_ptr_array_remove(src->views, v);
     if (abort) {
         given = give_back(v, &why);
     }
-    g_rw_lock_writer_unlock(&src->gate);
+    pthread_rwlock_unlock(&src->gate);
     if (abort && given && v->frozen) {
         err = nbds_bitmaps_sync(src->bitmaps);
     }

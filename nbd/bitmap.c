@@ -398,6 +398,13 @@ uint64_t nbds_bitmap_run_end(const NbdsBitmap *bm, uint64_t offset, uint64_t lim
     return MIN(end, limit);
 }
 
+uint64_t nbds_bitmap_next_set(const NbdsBitmap *bm, uint64_t offset, uint64_t limit)
+{
+    uint64_t end = find_bit(bm, offset / bm->granularity, true) * (uint64_t)bm->granularity;
+
+    return MIN(end, limit);
+}
+
 void nbds_bitmap_set(NbdsBitmap *bm, uint64_t offset, uint64_t len)
 {
     if (len && bm->nbits) {

@@ -130,6 +130,8 @@ NbdsBitmap *nbds_bitmap_copy(const NbdsBitmap *bm, uint64_t size);
 bool nbds_bitmap_test(const NbdsBitmap *bm, uint64_t offset);
 /* Where the run of granules like OFFSET's ends (a byte offset, at most LIMIT). */
 uint64_t nbds_bitmap_run_end(const NbdsBitmap *bm, uint64_t offset, uint64_t limit);
+/* Where the first set granule at or after OFFSET's starts (a byte offset, at most LIMIT). */
+uint64_t nbds_bitmap_next_set(const NbdsBitmap *bm, uint64_t offset, uint64_t limit);
 /* Set the granules covering [OFFSET, OFFSET+LEN). */
 void nbds_bitmap_set(NbdsBitmap *bm, uint64_t offset, uint64_t len);
 /* Set in INTO every range set in FROM: an aborted backup's changes go back. */

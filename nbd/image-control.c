@@ -242,7 +242,7 @@ static bool bitmap_command(NbdsExport *exp, char **argv, GString *out, GError **
         return false;
     }
     /* No write runs meanwhile: each is wholly before or after the edit. */
-    g_rw_lock_writer_lock(&exp->gate);
+    pthread_rwlock_wrlock(&exp->gate);
     bm = nbds_bitmaps_edit_in_use(exp->bitmaps, edit, argv[1], (uint32_t)granularity, &ok,
                                   error);
     if (bm && edit == NBDS_BITMAP_ADD) {
@@ -250,7 +250,7 @@ static bool bitmap_command(NbdsExport *exp, char **argv, GString *out, GError **
     } else if (bm && edit == NBDS_BITMAP_REMOVE) {
         nbds_meta_remove_bitmap(exp, bm);
     }
-    g_rw_lock_writer_unlock(&exp->gate);
+    pthread_rwlock_unlock(&exp->gate);
     if (bm) {
         g_message("%s: bitmap %s '%s'%s", nbds_image_path(exp->image),
                   nbds_bitmap_edit_name(edit), argv[1], ok ? "" : " (not saved yet)");

@@ -341,6 +341,9 @@ int nbds_image_zero(NbdsImage *img, uint64_t offset, uint64_t len, bool may_trim
     /* A zero-length request succeeds, as with qemu-nbd (fallocate would say EINVAL). */
     int err = len ? zero_range(img, offset, len, may_trim, fast) : 0;
 
+    if (may_trim) {
+        forget_data_run(img);         /* it may have punched a hole */
+    }
     if (!err && fua) {
         err = nbds_image_flush(img);
     }

@@ -7,9 +7,11 @@
 #ifndef NBDS_INTERNAL_H
 #define NBDS_INTERNAL_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/uio.h>
+
 #include <glib.h>
 
 #include "bitmap.h"
@@ -134,8 +136,10 @@ struct NbdsExport {
      * Held shared by every write-type request around its marks and its I/O,
      * exclusively by a command that must see no write half done (a bitmap
      * edit, a backup's start): a write is wholly before or after it.
+     * Writer-preferring (GRWLock is not, on glibc): a steady stream of
+     * writes cannot starve a command.
      */
-    GRWLock gate;
+    pthread_rwlock_t gate;
     GPtrArray *views;              /* NbdsBackupView * of this image; changed under gate */
     NbdsBackupView *view;          /* set when this export is a backup view */
     int refs;                      /* references held by connections (export, meta_export) */

@@ -62,18 +62,24 @@ static void out_buf_free(gpointer data)
     g_free(b);
 }
 
+/* Whether the (non-empty) entry IOV lies inside OWNED [OWNED_LEN]. */
+static bool inside(const struct iovec *iov, gconstpointer owned, size_t owned_len)
+{
+    uintptr_t lo = (uintptr_t)owned, p = (uintptr_t)iov->iov_base;
+
+    return owned && p >= lo && p - lo + iov->iov_len <= owned_len;
+}
+
 /* What of IOV is left, queued: entries inside OWNED [OWNED_LEN] point into it, others are copied. */
 static NbdsOutBuf *out_buf_new(const struct iovec *iov, int iovcnt, gpointer owned,
                                size_t owned_len)
 {
     NbdsOutBuf *b = g_new0(NbdsOutBuf, 1);
-    const uint8_t *lo = owned, *hi = lo + owned_len;
     size_t copied = 0;
 
     b->iov = g_new(struct iovec, MAX(iovcnt, 1));
     for (int i = 0; i < iovcnt; i++) {
-        const uint8_t *p = iov[i].iov_base;
-        if (iov[i].iov_len && !(owned && p >= lo && p + iov[i].iov_len <= hi)) {
+        if (iov[i].iov_len && !inside(&iov[i], owned, owned_len)) {
             copied += iov[i].iov_len;
         }
     }
@@ -84,7 +90,7 @@ static NbdsOutBuf *out_buf_new(const struct iovec *iov, int iovcnt, gpointer own
         if (iov[i].iov_len == 0) {     /* an empty entry may have no base */
             continue;
         }
-        if (owned && p >= lo && p + iov[i].iov_len <= hi) {
+        if (inside(&iov[i], owned, owned_len)) {
             b->iov[b->iovcnt] = iov[i];
         } else {
             memcpy(b->copies + copied, p, iov[i].iov_len);

@@ -24,6 +24,17 @@
 /* How long shutdown lets connections finish before cutting them off. */
 #define SHUTDOWN_GRACE_US (5 * G_USEC_PER_SEC)
 
+/* Writer-preferring: writes arriving all the time must not keep a command out. */
+static void gate_init(pthread_rwlock_t *gate)
+{
+    pthread_rwlockattr_t attr;
+
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(gate, &attr);
+    pthread_rwlockattr_destroy(&attr);
+}
+
 NbdsExport *nbds_export_new(const char *name, NbdsImage *img, bool read_only)
 {
     NbdsExport *exp = g_new0(NbdsExport, 1);
@@ -34,7 +45,7 @@ NbdsExport *nbds_export_new(const char *name, NbdsImage *img, bool read_only)
     exp->contexts = g_ptr_array_new_with_free_func((GDestroyNotify)nbds_meta_context_free);
     exp->views = g_ptr_array_new();
     g_rw_lock_init(&exp->contexts_lock);
-    g_rw_lock_init(&exp->gate);
+    gate_init(&exp->gate);
     nbds_meta_add_base_allocation(exp);
     return exp;
 }
@@ -48,7 +59,7 @@ void nbds_export_free(NbdsExport *exp)
     g_ptr_array_unref(exp->views);
     g_ptr_array_unref(exp->contexts);
     g_rw_lock_clear(&exp->contexts_lock);
-    g_rw_lock_clear(&exp->gate);
+    pthread_rwlock_destroy(&exp->gate);
     /* Not closed cleanly (no shutdown): the in-use flag stays and flags the bitmaps. */
     nbds_bitmaps_free(exp->bitmaps);
     if (!exp->view) {

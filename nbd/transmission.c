@@ -307,13 +307,13 @@ void nbds_work_run(gpointer data, gpointer user_data)
     (void)user_data;
     if (is_write_type(req->type)) {
         /* Marks, I/O and FUA's sync happen inside the gate (see NbdsExport). */
-        g_rw_lock_reader_lock(&c->export->gate);
+        pthread_rwlock_rdlock(&c->export->gate);
         /* Mark before writing: no reader of a bitmap may see the data before the mark. */
         nbds_bitmaps_mark(bitmaps, req->offset, w->length);
         /* Backup views keep what they still need of the old data. */
         nbds_backup_before_write(c->export, req->offset, w->length);
         err = write_request(c, w, fua);
-        g_rw_lock_reader_unlock(&c->export->gate);
+        pthread_rwlock_unlock(&c->export->gate);
         reply_status(c, req, err);
     }
     switch (req->type) {
