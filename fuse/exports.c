@@ -30,7 +30,7 @@ NbdfsMount *nbdfs_fs_add_export(NbdfsFs *fs, const char *ask_name, const char *d
 
     m->fs = fs;
     m->source = fs->source;
-    /* Its own descriptor: it outlives the source, as FUSE requests may. */
+    /* Its own descriptor, closed with the export (nbdfs_fs_close_export). */
     m->local_read_fd = fs->source->local_read_fd >= 0 ?
                        fcntl(fs->source->local_read_fd, F_DUPFD_CLOEXEC, 0) : -1;
     m->ask_name = g_strdup(ask_name);
@@ -51,9 +51,6 @@ NbdfsMount *nbdfs_fs_add_export(NbdfsFs *fs, const char *ask_name, const char *d
 
 void nbdfs_fs_free_export(NbdfsMount *m)
 {
-    if (m->local_read_fd >= 0) {
-        close(m->local_read_fd);
-    }
     nbdfs_files_forget(m);
     nbdfs_pending_free(m->pending);
     if (m->bitmaps) {
@@ -116,6 +113,11 @@ void nbdfs_fs_close_export(NbdfsMount *m)
 {
     nbdfs_client_stop_reconnect(m);
     nbdfs_client_stop(m);
+    /* With the source, before 'nbdfs umount' returns: it holds the image's lock too. */
+    if (m->local_read_fd >= 0) {
+        close(m->local_read_fd);
+        m->local_read_fd = -1;
+    }
 }
 
 bool nbdfs_fs_open_export(NbdfsMount *m, GError **error)

@@ -441,6 +441,18 @@ class UmountTest(t.TestCase):
             self.assertEqual([(b["name"], b["dirty-bytes"], b["consistent"]) for b in out],
                              [("b0", (i + 1) * 65536, True)])
 
+    def test_image_released_when_a_read_only_umount_returns(self):
+        # A read-only mount reads the image itself: that descriptor goes too.
+        image = t.make_image(self.path("ro.img"), 32 * MiB, [(0, b"r" * 4096)])
+        run([t.NBDFS, "bitmap", "add", image, "b0"])
+        for i in range(5):
+            m = self.mount(image, "-r")
+            with open(m.path("ro.img"), "rb") as f:
+                self.assertEqual(f.read(4096), b"r" * 4096)
+            self.assertEqual(m.unmount(), 0, m.messages)
+            # Needs the image's exclusive lock, at once.
+            run([t.NBDFS, "bitmap", "clear", image, "b0"])
+
     def test_umount_errors(self):
         p = run([t.NBDFS, "umount", self.tmp], check=False)
         self.assertEqual(p.returncode, 1)
