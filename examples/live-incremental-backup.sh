@@ -58,19 +58,31 @@ PY
 start_server() {
     "$NBDFS" serve -U "$sock" --pid-file "$work/server.pid" --fork "$img"
 }
+# Wait (10 s at most) until the shell test "$@" is true.
+wait_until() {
+    tries=200
+    until "$@"; do
+        tries=$((tries - 1))
+        if [ "$tries" -le 0 ]; then
+            echo "live-incremental-backup: timed out waiting for: $*" >&2
+            exit 1
+        fi
+        sleep 0.05
+    done
+}
+writes_answered() { [ "$(cat "$work/done" 2>/dev/null || echo 0)" -ge "$1" ]; }
+gone() { ! kill -0 "$1" 2>/dev/null; }
 start_writer() {   # and wait until its first write is answered
     first=$(($(cat "$work/done" 2>/dev/null || echo 0) + 1))
     FIRST=$first STOP=$work/stop DONE=$work/done \
         nbdsh -u "nbd+unix:///disk.img?socket=$sock" -c "$writer" 2>> "$work/writer.err" &
     writer_pid=$!
-    while [ "$(cat "$work/done" 2>/dev/null || echo 0)" -lt "$first" ]; do
-        sleep 0.05
-    done
+    wait_until writes_answered "$first"
 }
 stop_server() {   # SIGTERM or SIGKILL; returns once it is gone
     pid=$(cat "$work/server.pid")
     kill "-$1" "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    wait_until gone "$pid"
 }
 cleanup() {
     touch "$work/stop"
