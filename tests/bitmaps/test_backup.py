@@ -142,6 +142,17 @@ class BackupViewTest(t.TestCase):
     def view_uri(self, name="disk.img@backup"):
         return self.srv.uri(name)
 
+    def change_around_a_begin(self):
+        """A write at 1 MiB, `backup begin --bitmap b0` (b0 restarts), a write at 5 MiB."""
+        h = nbd.NBD()
+        h.connect_uri(self.srv.uri())
+        h.pwrite(b"a" * 4096, 1 * MiB)
+        nbdfs("backup", "begin", "--bitmap", "b0", self.img)
+        self.assertEqual(dirty_granules(self.srv.uri(), "b0"), set())
+        h.pwrite(b"b" * 4096, 5 * MiB)
+        h.flush()
+        h.shutdown()
+
     def test_a_view_is_the_image_at_begin_while_writers_never_stop(self):
         w = Writers(self.srv.uri(), self.base, 4, self.SIZE // 4)
         self.addCleanup(w.stop_event.set)
@@ -207,13 +218,7 @@ class BackupViewTest(t.TestCase):
         nbdfs("backup", "end", self.img)
 
     def test_abort_gives_the_changes_back(self):
-        h = nbd.NBD()
-        h.connect_uri(self.srv.uri())
-        h.pwrite(b"a" * 4096, 1 * MiB)
-        nbdfs("backup", "begin", "--bitmap", "b0", self.img)
-        self.assertEqual(dirty_granules(self.srv.uri(), "b0"), set())
-        h.pwrite(b"b" * 4096, 5 * MiB)
-        h.shutdown()
+        self.change_around_a_begin()
         nbdfs("backup", "abort", self.img)
         self.assertEqual(dirty_granules(self.srv.uri(), "b0"), {16, 80})
         # Saved at once (the sidecar is rewritten in place): still so after a clean stop.
@@ -221,12 +226,7 @@ class BackupViewTest(t.TestCase):
         self.assertEqual(bitmaps(self.img)["b0"]["dirty-bytes"], 2 * GRAN)
 
     def test_clean_shutdown_with_a_view_open_gives_the_changes_back(self):
-        h = nbd.NBD()
-        h.connect_uri(self.srv.uri())
-        h.pwrite(b"a" * 4096, 1 * MiB)
-        nbdfs("backup", "begin", "--bitmap", "b0", self.img)
-        h.pwrite(b"b" * 4096, 5 * MiB)
-        h.shutdown()
+        self.change_around_a_begin()
         self.assertEqual(self.srv.stop(), 0)
         self.assertIn("changes are back in bitmap 'b0'", self.srv.stderr())
         b0 = bitmaps(self.img)["b0"]
@@ -234,12 +234,7 @@ class BackupViewTest(t.TestCase):
         self.assertEqual(b0["dirty-bytes"], 2 * GRAN)
 
     def test_a_crash_during_a_backup_misses_no_change(self):
-        h = nbd.NBD()
-        h.connect_uri(self.srv.uri())
-        h.pwrite(b"a" * 4096, 1 * MiB)
-        nbdfs("backup", "begin", "--bitmap", "b0", self.img)
-        h.pwrite(b"b" * 4096, 5 * MiB)
-        h.flush()
+        self.change_around_a_begin()
         self.srv.stop(signal.SIGKILL)
         b0 = bitmaps(self.img)["b0"]
         self.assertFalse(b0["consistent"])
