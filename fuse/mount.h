@@ -30,7 +30,9 @@
  *   write over one in flight, O_DSYNC without FUA) waits on a condition
  *   variable for a completion.  That wait always ends: the I/O thread that
  *   drives the command answers it or fails it by its deadline, whatever any
- *   FUSE thread does.
+ *   FUSE thread does.  A read of a read-only local raw image is the one
+ *   exception: the FUSE thread preads the image itself (exports.c keeps the
+ *   descriptor), a local file, with no connection involved.
  *
  *   Completion callbacks never call libnbd (the handle lock is held there)
  *   and take only leaf locks: a leaf lock is held for a few instructions,
