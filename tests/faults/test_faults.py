@@ -126,9 +126,8 @@ class ServerFaults(nbdfs_test.TestCase):
         h.flush()
         h.shutdown()
 
-    def test_read_errors_of_the_image_become_eio(self):
-        # An image whose every read fails with EIO: nbdkit's error filter,
-        # mounted as a file by nbdfuse, served by nbdfs.
+    def failing_image(self):
+        """A file whose every read fails with EIO: nbdkit's error filter, mounted by nbdfuse."""
         ksock = self.path("k.sock")
         k = nbdfs_test.Server(["nbdkit", "-f", "-U", ksock, "--filter=error", "memory", "16M",
                                "error-pread-rate=1", "error-pread=EIO"], ksock,
@@ -142,7 +141,10 @@ class ServerFaults(nbdfs_test.TestCase):
         self.addCleanup(subprocess.run, ["fusermount3", "-u", mnt], capture_output=True)
         bad = os.path.join(mnt, "nbd")
         nbdfs_test.wait_for(lambda: os.path.exists(bad), 10, "nbdfuse mount")
-        srv = self.start_nbdfs([bad], "-r")
+        return bad
+
+    def test_read_errors_of_the_image_become_eio(self):
+        srv = self.start_nbdfs([self.failing_image()], "-r")
         h = nbd.NBD()
         h.connect_uri(srv.uri())
         with self.assertRaises(nbd.Error) as cm:
@@ -154,6 +156,16 @@ class ServerFaults(nbdfs_test.TestCase):
             h.pread(512, 8 * MiB)
         h.shutdown()
         self.assertTrue(srv.alive())
+
+    def test_read_errors_of_a_read_only_local_mount_become_eio(self):
+        # Such a mount reads the image itself, from its FUSE threads.
+        m = self.mount(self.failing_image(), "-r", "--format", "raw")
+        with open(m.path("nbd"), "rb", buffering=0) as f:
+            for off in (0, 8 * MiB):
+                with self.assertRaises(OSError) as cm:
+                    os.pread(f.fileno(), 4096, off)
+                self.assertEqual(cm.exception.errno, errno.EIO)
+        self.assertEqual(m.unmount(), 0, m.messages)
 
     def test_clients_arriving_during_shutdown(self):
         img = nbdfs_test.make_image(self.path("disk.img"), MiB)
