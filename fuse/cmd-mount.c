@@ -40,6 +40,7 @@ typedef struct {
     gboolean read_only;
     gboolean foreground;
     gboolean verbose;
+    gboolean no_passthrough;
     gint connections;
     gint timeout;
     char *format;
@@ -103,6 +104,12 @@ static void release_parent(NbdfsFs *fs)
     }
 }
 
+char *nbdfs_mount_fuse_version(void)
+{
+    return g_strdup_printf("libfuse %s, FUSE passthrough %s", fuse_pkgversion(),
+                           NBDFS_HAVE_PASSTHROUGH ? "supported" : "unsupported (libfuse < 3.16)");
+}
+
 void nbdfs_session_init(void *userdata, struct fuse_conn_info *conn)
 {
     NbdfsFs *fs = userdata;
@@ -116,8 +123,22 @@ void nbdfs_session_init(void *userdata, struct fuse_conn_info *conn)
     conn->want |= conn->capable & (FUSE_CAP_ASYNC_READ | FUSE_CAP_ASYNC_DIO);
     /* Our mtime never changes, and a getattr per read would be slow. */
     conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
-    g_debug("FUSE: max_write %u, max_readahead %u, max_background %u", conn->max_write,
-            conn->max_readahead, conn->max_background);
+#if NBDFS_HAVE_PASSTHROUGH
+    /*
+     * A read-only local raw image: nothing can change it, so the kernel may
+     * read it directly (ops-export.c hands it the image at open).
+     */
+    if (!fs->no_passthrough && fs->source->local_read_fd >= 0 &&
+        (conn->capable & FUSE_CAP_PASSTHROUGH)) {
+        conn->want |= FUSE_CAP_PASSTHROUGH;
+        /* The image may itself be on a stacked file system (overlayfs). */
+        conn->max_backing_stack_depth = 1;
+        g_atomic_int_set(&fs->passthrough, 1);
+    }
+#endif
+    g_debug("FUSE: max_write %u, max_readahead %u, max_background %u, passthrough %s",
+            conn->max_write, conn->max_readahead, conn->max_background,
+            g_atomic_int_get(&fs->passthrough) ? "on" : "off");
     release_parent(fs);
 }
 
@@ -173,6 +194,7 @@ static NbdfsFs *fs_new(const MountOptions *o, int ready_fd)
     fs->read_only = o->read_only;
     fs->connections = o->connections;
     fs->timeout = o->timeout;
+    fs->no_passthrough = o->no_passthrough;
     fs->ready_fd = ready_fd;
     fs->mountpoint = g_strdup(o->mountpoint);
     fs->ended_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -426,6 +448,9 @@ int nbdfs_cmd_mount(int argc, char **argv)
           "any file's bytes as they are", "FMT" },
         { "name", 0, 0, G_OPTION_ARG_STRING, &o.name,
           "File name of the export in the mount point", "NAME" },
+        { "no-passthrough", 0, 0, G_OPTION_ARG_NONE, &o.no_passthrough,
+          "Read a read-only local raw image through nbdfs even where the kernel could "
+          "read it itself (FUSE passthrough)", NULL },
         { "option", 'o', 0, G_OPTION_ARG_STRING_ARRAY, &o.fuse_options,
           "FUSE mount options, comma separated (allow_other, ...)", "OPT[,OPT]" },
         { "verbose", 'v', 0, G_OPTION_ARG_NONE, &o.verbose,

@@ -24,6 +24,24 @@
 /* Room left in a 255-byte file name for a "~N" that makes it unique. */
 #define DIR_NAME_MAX 240
 
+/*
+ * A new open file description of the image FD (or -1): it shares no lock
+ * with the server's (flock is per description), so the kernel may keep it
+ * as a passthrough file's backing file for as long as it likes.
+ */
+static int reopen_image(int fd)
+{
+    g_autofree char *path = NULL;
+    int copy;
+
+    if (fd < 0) {
+        return -1;
+    }
+    path = g_strdup_printf("/proc/self/fd/%d", fd);
+    copy = open(path, O_RDONLY | O_CLOEXEC);
+    return copy >= 0 ? copy : fcntl(fd, F_DUPFD_CLOEXEC, 0);
+}
+
 NbdfsMount *nbdfs_fs_add_export(NbdfsFs *fs, const char *ask_name, const char *dir_name)
 {
     NbdfsMount *m = g_new0(NbdfsMount, 1);
@@ -31,8 +49,7 @@ NbdfsMount *nbdfs_fs_add_export(NbdfsFs *fs, const char *ask_name, const char *d
     m->fs = fs;
     m->source = fs->source;
     /* Its own descriptor, closed with the export (nbdfs_fs_close_export). */
-    m->local_read_fd = fs->source->local_read_fd >= 0 ?
-                       fcntl(fs->source->local_read_fd, F_DUPFD_CLOEXEC, 0) : -1;
+    m->local_read_fd = reopen_image(fs->source->local_read_fd);
     m->ask_name = g_strdup(ask_name);
     m->dir_name = g_strdup(dir_name);
     /* Export i's inodes: (i + 1) << 32 plus those of inodes.c; the top is 1. */
@@ -113,7 +130,7 @@ void nbdfs_fs_close_export(NbdfsMount *m)
 {
     nbdfs_client_stop_reconnect(m);
     nbdfs_client_stop(m);
-    /* With the source, before 'nbdfs umount' returns: it holds the image's lock too. */
+    /* With the source, before 'nbdfs umount' returns: nothing of the image stays open. */
     if (m->local_read_fd >= 0) {
         close(m->local_read_fd);
         m->local_read_fd = -1;

@@ -251,7 +251,8 @@ int main(int argc, char **argv)
         return 0;
     }
     if (strcmp(argv[1], "-V") == 0 || strcmp(argv[1], "--version") == 0) {
-        printf("nbdfs %s\n", NBDFS_VERSION);
+        g_autofree char *fuse = nbdfs_mount_fuse_version();
+        printf("nbdfs %s\n%s\n", NBDFS_VERSION, fuse);
         return 0;
     }
     for (size_t i = 0; i < G_N_ELEMENTS(subcommands); i++) {

@@ -32,7 +32,8 @@
  *   drives the command answers it or fails it by its deadline, whatever any
  *   FUSE thread does.  A read of a read-only local raw image is the one
  *   exception: the FUSE thread preads the image itself (exports.c keeps the
- *   descriptor), a local file, with no connection involved.
+ *   descriptor), a local file, with no connection involved; with FUSE
+ *   passthrough the kernel reads it and the read never reaches us.
  *
  *   Completion callbacks never call libnbd (the handle lock is held there)
  *   and take only leaf locks: a leaf lock is held for a few instructions,
@@ -67,6 +68,10 @@
 
 #include "extent-cache.h"
 #include "server.h"
+
+/* FUSE passthrough: fuse_passthrough_open() and fuse_file_info.backing_id. */
+#define NBDFS_HAVE_PASSTHROUGH \
+    (FUSE_MAJOR_VERSION > 3 || (FUSE_MAJOR_VERSION == 3 && FUSE_MINOR_VERSION >= 16))
 
 /* Default --timeout: seconds the server may take to answer a request or a handshake. */
 #define NBDFS_DEFAULT_TIMEOUT 30
@@ -297,6 +302,7 @@ struct NbdfsMount {
 
     NbdfsSource *source;           /* the fs's */
     int local_read_fd;             /* a read-only local raw image, read directly; or -1 */
+    gint backing_id;               /* local_read_fd registered for passthrough (0: not yet) */
     NbdfsConn **conns;
     unsigned n_conns;
     guint next_conn;               /* round robin */
@@ -353,6 +359,14 @@ struct NbdfsFs {
     bool read_only;
     unsigned connections;
     unsigned timeout;
+    bool no_passthrough;           /* --no-passthrough */
+
+    /*
+     * FUSE passthrough (libfuse >= 3.16, Linux >= 6.9) was negotiated: opens
+     * of a read-only local raw image hand the kernel the image, which then
+     * reads it without asking us.  Cleared if the kernel refuses a file.
+     */
+    gint passthrough;
 
     struct fuse_session *session;
     char *mountpoint;

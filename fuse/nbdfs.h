@@ -11,6 +11,8 @@
 /* Each subcommand's entry point: argv[0] is the subcommand's name. */
 int nbdfs_cmd_serve(int argc, char **argv);
 int nbdfs_cmd_mount(int argc, char **argv);
+/* The libfuse nbdfs runs with, and what it lets the mount do ("libfuse 3.18.3, ..."). */
+char *nbdfs_mount_fuse_version(void);
 int nbdfs_cmd_umount(int argc, char **argv);
 int nbdfs_cmd_info(int argc, char **argv);
 int nbdfs_cmd_bitmap(int argc, char **argv);

@@ -48,6 +48,36 @@ int nbdfs_export_getattr(NbdfsMount *m, struct stat *st)
     return 0;
 }
 
+#if NBDFS_HAVE_PASSTHROUGH
+/*
+ * The backing id of M's image for FUSE passthrough, registered by the first
+ * open that needs it and kept until the FUSE connection ends (the kernel
+ * then lets go of the image); 0 if the kernel reads nothing itself.
+ */
+static int passthrough_backing_id(fuse_req_t req, NbdfsMount *m)
+{
+    int id = g_atomic_int_get(&m->backing_id);
+
+    if (id > 0 || m->local_read_fd < 0 || !g_atomic_int_get(&m->fs->passthrough)) {
+        return MAX(id, 0);
+    }
+    id = fuse_passthrough_open(req, m->local_read_fd);
+    if (id <= 0) {
+        int err = errno;
+        if (g_atomic_int_compare_and_exchange(&m->fs->passthrough, 1, 0)) {
+            g_warning("the kernel refuses the image for FUSE passthrough (%s): nbdfs "
+                      "reads it instead", g_strerror(err));
+        }
+        return 0;
+    }
+    if (!g_atomic_int_compare_and_exchange(&m->backing_id, 0, id)) {
+        fuse_passthrough_close(req, id);   /* another open registered it first */
+        id = g_atomic_int_get(&m->backing_id);
+    }
+    return id;
+}
+#endif
+
 void nbdfs_export_open(fuse_req_t req, NbdfsMount *m, struct fuse_file_info *fi)
 {
     bool writable = (fi->flags & O_ACCMODE) != O_RDONLY;
@@ -70,6 +100,16 @@ void nbdfs_export_open(fuse_req_t req, NbdfsMount *m, struct fuse_file_info *fi)
         nbdfs_extent_cache_clear(m->allocation->cache);
     }
     fi->fh = (uintptr_t)nbdfs_file_open(m, writable);
+#if NBDFS_HAVE_PASSTHROUGH
+    /*
+     * Reads (and mmap) of this file go to the image without reaching us,
+     * through its page cache (the kernel refuses keep_cache with it).
+     */
+    fi->backing_id = passthrough_backing_id(req, m);
+    if (fi->backing_id > 0) {
+        fi->keep_cache = false;
+    }
+#endif
     if (fuse_reply_open(req, fi) != 0) {
         /* The opener is gone (interrupted): no release will come. */
         nbdfs_export_release(m, fi);

@@ -101,7 +101,7 @@ if ! have_libnbd; then
     work=$(mktemp -d /tmp/nbdfs-libnbd.XXXXXX)
     trap 'rm -rf "$work"' EXIT
     log "building libnbd from Debian 13's source package in $work"
-    (cd "$work" && apt-get source -qq libnbd >/dev/null 2>&1) || die "apt-get source libnbd failed"
+    (cd "$work" && apt-get source -qq libnbd/trixie >/dev/null 2>&1) || die "apt-get source libnbd failed"
     src=$(find "$work" -maxdepth 1 -type d -name 'libnbd-*' | head -1)
     [ -n "$src" ] || die "libnbd source not found after apt-get source"
     (
@@ -120,4 +120,32 @@ have_libnbd || die "libnbd >= 1.18 with nbdinfo is still missing"
 for tool in nbdinfo nbdcopy nbdsh nbdfuse; do
   command -v "$tool" >/dev/null || log "warning: $tool not installed"
 done
-log "ok: libnbd $(pkg-config --modversion libnbd), $(qemu-img --version | head -1), nbdkit $(nbdkit --version | cut -d' ' -f2)"
+# libfuse >= 3.16 for FUSE passthrough (3.18: FUSE over io_uring); Debian 12 ships 3.14.
+# Debian's newest source package is built into a prefix of its own, where meson.build
+# looks first; the system's libfuse stays the fallback (nbdfs builds and works with it).
+libfuse_prefix=/usr/local/libfuse3
+have_new_libfuse() {
+  PKG_CONFIG_PATH=$libfuse_prefix/lib/pkgconfig pkg-config --atleast-version=3.16 fuse3
+}
+if ! have_new_libfuse; then
+  add_source deb-src sid
+  apt_update
+  install_pkgs dpkg-dev liburing-dev libnuma-dev
+  fwork=$(mktemp -d /tmp/nbdfs-libfuse.XXXXXX)
+  log "building libfuse from Debian's newest source package in $fwork"
+  if (
+    cd "$fwork" && apt-get source -qq fuse3/sid >/dev/null 2>&1 &&
+      src=$(find "$fwork" -maxdepth 1 -type d -name 'fuse3-*' | head -1) && [ -n "$src" ] &&
+      cd "$src" &&
+      meson setup build --prefix="$libfuse_prefix" --libdir=lib --buildtype=release \
+        -Dutils=false -Dexamples=false -Dtests=false >"$fwork/setup.log" 2>&1 &&
+      ninja -C build >"$fwork/build.log" 2>&1 && meson install -C build --quiet >/dev/null
+  ); then
+    log "libfuse $(PKG_CONFIG_PATH=$libfuse_prefix/lib/pkgconfig pkg-config --modversion fuse3) in $libfuse_prefix"
+  else
+    tail -20 "$fwork"/*.log 2>/dev/null >&2 || true
+    log "warning: building libfuse failed: nbdfs uses the system's $(pkg-config --modversion fuse3) (no FUSE passthrough)"
+  fi
+  rm -rf "$fwork"
+fi
+log "ok: libnbd $(pkg-config --modversion libnbd), libfuse $(PKG_CONFIG_PATH=$libfuse_prefix/lib/pkgconfig pkg-config --modversion fuse3), $(qemu-img --version | head -1), nbdkit $(nbdkit --version | cut -d' ' -f2)"

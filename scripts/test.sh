@@ -4,7 +4,9 @@
 #      suites and the mount suites (but the stress test) again with every
 #      'nbdfs serve' and 'nbdfs mount' under valgrind memcheck
 #   2. clang build with AddressSanitizer + UBSan and the libFuzzer targets
-#      (build-asan/): every suite again, plus short fuzzing runs
+#      (build-asan/), linked with the system's libfuse (the fallback: step 1
+#      uses the newer one setup.sh builds): every suite again, plus short
+#      fuzzing runs
 # Options:
 #   --quick        step 1 only
 #   --sanitize     step 2 only
@@ -49,7 +51,7 @@ for step in $steps; do
     sanitize)
       dir=build-asan
       CC=clang configure "$dir" -Db_sanitize=address,undefined -Db_lundef=false \
-        -Dbuildtype=debug -Dfuzzing=true ;;
+        -Dbuildtype=debug -Dfuzzing=true -Dpkg_config_path= ;;
   esac
   echo "== $step build ($dir)"
   ninja -C "$dir"

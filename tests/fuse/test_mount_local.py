@@ -7,6 +7,8 @@ import filecmp
 import mmap
 import os
 import random
+import re
+import signal
 import subprocess
 
 import nbdfs_test as t
@@ -35,6 +37,13 @@ def allocated_bytes(entries):
 
 def is_data(status):
     return not status & 2          # a range reading as zeros counts as a hole
+
+
+def passthrough_expected():
+    """nbdfs's libfuse has FUSE passthrough (>= 3.16) and so has the kernel (>= 6.9)."""
+    version = t.run([t.NBDFS, "--version"]).stdout
+    release = tuple(map(int, re.match(r"(\d+)\.(\d+)", os.uname().release).groups()))
+    return "FUSE passthrough supported" in version and release >= (6, 9)
 
 
 class LocalImageTest(t.TestCase):
@@ -157,6 +166,56 @@ class LocalImageTest(t.TestCase):
         self.assertTrue(filecmp.cmp(f, self.image, shallow=False))
         m.unmount()
         self.assertEqual(os.stat(self.image).st_mtime_ns, before)
+
+    def reads_with_daemon_stopped(self, m, name, offsets):
+        """Open NAME, stop the mount's daemon, pread 1 MiB at each of OFFSETS
+        (never read before).  Returns (finished while stopped?, the bytes,
+        read once the daemon goes on if they had to wait)."""
+        pid = m.process.proc.pid if m.process else m.pids[0]
+        fd = os.open(m.path(name), os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.addCleanup(pool.shutdown)
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, pid, signal.SIGCONT)
+        reads = pool.submit(lambda: [os.pread(fd, MiB, off) for off in offsets])
+        try:
+            data = reads.result(timeout=5)
+            finished = True
+        except concurrent.futures.TimeoutError:
+            finished = False
+        os.kill(pid, signal.SIGCONT)
+        if not finished:
+            data = reads.result(timeout=30)
+        return finished, data
+
+    def test_read_only_passthrough(self):
+        """A read-only local raw image: with FUSE passthrough the kernel reads
+        the image itself, so reads go on while the daemon is stopped; without
+        it (an older libfuse or kernel) they wait for it and are then right."""
+        offsets = [20 * MiB, 22 * MiB, 1 * MiB]
+        with open(self.image, "rb") as f:
+            expected = [os.pread(f.fileno(), MiB, off) for off in offsets]
+            tail = os.pread(f.fileno(), 4096, SIZE - 4096)
+        m = self.mount(self.image, "-r")
+        finished, data = self.reads_with_daemon_stopped(m, "disk.img", offsets)
+        self.assertEqual(finished, passthrough_expected())
+        self.assertEqual(data, expected)
+        # mmap of a passthrough file maps the image's pages.
+        with open(m.path("disk.img"), "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            self.assertEqual(mm[20 * MiB:21 * MiB], expected[0])
+            self.assertEqual(mm[SIZE - 4096:], tail)
+        # lseek still comes to nbdfs, which answers from the server's block status.
+        self.assertEqual(t.data_extents_by_lseek(m.path("disk.img")),
+                         t.data_extents_by_lseek(self.image))
+
+    def test_no_passthrough_option(self):
+        """--no-passthrough: every read of a read-only image goes through nbdfs."""
+        m = self.mount(self.image, "-r", "--no-passthrough")
+        finished, data = self.reads_with_daemon_stopped(m, "disk.img", [20 * MiB])
+        self.assertFalse(finished, "a read finished while nbdfs was stopped")
+        with open(self.image, "rb") as f:
+            self.assertEqual(data, [os.pread(f.fileno(), MiB, 20 * MiB)])
 
     def test_read_only_export(self):
         srv = self.start_nbdfs([self.image], "-r")
