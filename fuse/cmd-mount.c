@@ -40,7 +40,8 @@ typedef struct {
     gboolean read_only;
     gboolean foreground;
     gboolean verbose;
-    gboolean no_passthrough;
+    char *passthrough;
+    NbdfsPassthrough passthrough_mode;
     gint connections;
     gint timeout;
     char *format;
@@ -56,6 +57,7 @@ static void mount_options_clear(MountOptions *o)
 {
     g_free(o->name);
     g_free(o->format);
+    g_free(o->passthrough);
     g_strfreev(o->fuse_options);
     g_strfreev(o->args);
     g_strfreev(o->command);
@@ -104,6 +106,22 @@ static void release_parent(NbdfsFs *fs)
     }
 }
 
+#if NBDFS_HAVE_PASSTHROUGH
+/* May a writable mount write the image past the server (no bitmap is enabled)? */
+static bool allow_untracked_writes(NbdfsFs *fs)
+{
+    g_autofree char *why = g_strdup_printf(
+        "%s is mounted on %s with FUSE passthrough, whose writes no bitmap can see: "
+        "unmount it, or mount it without --passthrough=all", fs->source->image, fs->mountpoint);
+
+    if (!nbds_export_allow_untracked_writes(fs->source->export, why)) {
+        g_debug("FUSE passthrough: off, writes must mark the image's enabled bitmaps");
+        return false;
+    }
+    return true;
+}
+#endif
+
 char *nbdfs_mount_fuse_version(void)
 {
     return g_strdup_printf("libfuse %s, FUSE passthrough %s", fuse_pkgversion(),
@@ -125,15 +143,19 @@ void nbdfs_session_init(void *userdata, struct fuse_conn_info *conn)
     conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
 #if NBDFS_HAVE_PASSTHROUGH
     /*
-     * A read-only local raw image: nothing can change it, so the kernel may
-     * read it directly (ops-export.c hands it the image at open).
+     * A local raw image: the kernel may read it directly (ops-export.c hands
+     * it the image at open), and write it too if no bitmap needs to see the
+     * writes (the server then refuses to enable one while mounted).
      */
-    if (!fs->no_passthrough && fs->source->local_read_fd >= 0 &&
-        (conn->capable & FUSE_CAP_PASSTHROUGH)) {
+    if (fs->source->image_fd >= 0 && (conn->capable & FUSE_CAP_PASSTHROUGH) &&
+        (fs->read_only ? fs->passthrough_mode != NBDFS_PASSTHROUGH_OFF
+                       : fs->passthrough_mode == NBDFS_PASSTHROUGH_ALL &&
+                         allow_untracked_writes(fs))) {
         conn->want |= FUSE_CAP_PASSTHROUGH;
         /* The image may itself be on a stacked file system (overlayfs). */
         conn->max_backing_stack_depth = 1;
         g_atomic_int_set(&fs->passthrough, 1);
+        fs->untracked_writes = !fs->read_only;
     }
 #endif
     g_debug("FUSE: max_write %u, max_readahead %u, max_background %u, passthrough %s",
@@ -194,7 +216,7 @@ static NbdfsFs *fs_new(const MountOptions *o, int ready_fd)
     fs->read_only = o->read_only;
     fs->connections = o->connections;
     fs->timeout = o->timeout;
-    fs->no_passthrough = o->no_passthrough;
+    fs->passthrough_mode = o->passthrough_mode;
     fs->ready_fd = ready_fd;
     fs->mountpoint = g_strdup(o->mountpoint);
     fs->ended_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -387,6 +409,20 @@ static bool validate(MountOptions *o)
                     o->format);
         return false;
     }
+    if (o->passthrough && (o->command || strstr(o->source, "://"))) {
+        nbdfs_error("mount", "--passthrough: only for a local raw image");
+        return false;
+    }
+    if (!o->passthrough || strcmp(o->passthrough, "reads") == 0) {
+        o->passthrough_mode = NBDFS_PASSTHROUGH_READS;
+    } else if (strcmp(o->passthrough, "all") == 0) {
+        o->passthrough_mode = NBDFS_PASSTHROUGH_ALL;
+    } else if (strcmp(o->passthrough, "off") == 0) {
+        o->passthrough_mode = NBDFS_PASSTHROUGH_OFF;
+    } else {
+        nbdfs_error("mount", "--passthrough: '%s' is not reads, all or off", o->passthrough);
+        return false;
+    }
     if (o->connections < 1 || o->connections > MAX_CONNECTIONS) {
         nbdfs_error("mount", "--connections: must be between 1 and %d, not %d",
                     MAX_CONNECTIONS, o->connections);
@@ -448,9 +484,10 @@ int nbdfs_cmd_mount(int argc, char **argv)
           "any file's bytes as they are", "FMT" },
         { "name", 0, 0, G_OPTION_ARG_STRING, &o.name,
           "File name of the export in the mount point", "NAME" },
-        { "no-passthrough", 0, 0, G_OPTION_ARG_NONE, &o.no_passthrough,
-          "Read a read-only local raw image through nbdfs even where the kernel could "
-          "read it itself (FUSE passthrough)", NULL },
+        { "passthrough", 0, 0, G_OPTION_ARG_STRING, &o.passthrough,
+          "What of a local raw image the kernel does itself (FUSE passthrough): 'reads' "
+          "of a read-only mount (default), 'all' reads and writes (no bitmap may be "
+          "enabled, and a write past the end grows the image), or 'off'", "MODE" },
         { "option", 'o', 0, G_OPTION_ARG_STRING_ARRAY, &o.fuse_options,
           "FUSE mount options, comma separated (allow_other, ...)", "OPT[,OPT]" },
         { "verbose", 'v', 0, G_OPTION_ARG_NONE, &o.verbose,

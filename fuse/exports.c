@@ -49,7 +49,7 @@ NbdfsMount *nbdfs_fs_add_export(NbdfsFs *fs, const char *ask_name, const char *d
     m->fs = fs;
     m->source = fs->source;
     /* Its own descriptor, closed with the export (nbdfs_fs_close_export). */
-    m->local_read_fd = reopen_image(fs->source->local_read_fd);
+    m->image_fd = reopen_image(fs->source->image_fd);
     m->ask_name = g_strdup(ask_name);
     m->dir_name = g_strdup(dir_name);
     /* Export i's inodes: (i + 1) << 32 plus those of inodes.c; the top is 1. */
@@ -130,10 +130,13 @@ void nbdfs_fs_close_export(NbdfsMount *m)
 {
     nbdfs_client_stop_reconnect(m);
     nbdfs_client_stop(m);
-    /* With the source, before 'nbdfs umount' returns: nothing of the image stays open. */
-    if (m->local_read_fd >= 0) {
-        close(m->local_read_fd);
-        m->local_read_fd = -1;
+    /*
+     * With the source, before 'nbdfs umount' returns (the kernel lets go of
+     * a passthrough backing file with the FUSE connection).
+     */
+    if (m->image_fd >= 0) {
+        close(m->image_fd);
+        m->image_fd = -1;
     }
 }
 

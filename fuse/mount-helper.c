@@ -5,7 +5,7 @@
  * mount(8) runs /sbin/mount.fuse.nbdfs (meson installs that name as a
  * link to nbdfs) or, without it, mount.fuse3, which runs `nbdfs SOURCE
  * MOUNTPOINT -o OPTIONS`.  Both come here: the options become nbdfs mount's
- * own (ro, all, no_passthrough, timeout=, connections=, name=, format=), FUSE's (allow_other,
+ * own (ro, all, timeout=, connections=, name=, format=, passthrough=), FUSE's (allow_other,
  * default_permissions...) and kernel flags (nosuid, noexec...) pass through,
  * and what only mount(8) and systemd read (defaults, _netdev, nofail,
  * x-systemd.*...) is dropped.  The mount goes to the background once ready,
@@ -45,6 +45,7 @@ static const struct {
     { "connections", "--connections" },
     { "name", "--name" },
     { "format", "--format" },
+    { "passthrough", "--passthrough" },
 };
 
 /* Append what OPTS ("ro,timeout=5,allow_other") means to ARGS. */
@@ -60,11 +61,8 @@ static void translate(const char *opts, GPtrArray *args)
         if (!**o || userspace_only(*o)) {
             continue;
         }
-        if (strcmp(*o, "ro") == 0 || strcmp(*o, "all") == 0 ||
-            strcmp(*o, "no_passthrough") == 0) {
-            g_ptr_array_add(args, g_strdup(strcmp(*o, "ro") == 0    ? "--read-only" :
-                                           strcmp(*o, "all") == 0 ? "--all" :
-                                                                    "--no-passthrough"));
+        if (strcmp(*o, "ro") == 0 || strcmp(*o, "all") == 0) {
+            g_ptr_array_add(args, g_strdup(strcmp(*o, "ro") == 0 ? "--read-only" : "--all"));
             continue;
         }
         for (size_t i = 0; eq && i < G_N_ELEMENTS(valued) && !done; i++) {

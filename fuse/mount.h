@@ -33,7 +33,8 @@
  *   FUSE thread does.  A read of a read-only local raw image is the one
  *   exception: the FUSE thread preads the image itself (exports.c keeps the
  *   descriptor), a local file, with no connection involved; with FUSE
- *   passthrough the kernel reads it and the read never reaches us.
+ *   passthrough the kernel reads it and the read never reaches us (and with
+ *   --passthrough=all writes too: lseek then asks the image, no connection).
  *
  *   Completion callbacks never call libnbd (the handle lock is held there)
  *   and take only leaf locks: a leaf lock is held for a few instructions,
@@ -109,7 +110,8 @@ typedef struct {
     char *image;                   /* local image path; NULL for a URI or a command */
     char *format;                  /* the image's format ("raw", "qcow2", ...) */
     NbdsServer *server;            /* local raw image: the bundled server */
-    int local_read_fd;             /* the same, read-only: its image, read directly (or -1) */
+    NbdsExport *export;            /* the same: its export */
+    int image_fd;                  /* the same: its image (the server's descriptor), or -1 */
     NbdfsSpawned *spawned;         /* a server started for us */
     GPtrArray *skipped_bitmaps;    /* persistent bitmaps qemu cannot export (char *) */
     bool shut_down;
@@ -301,8 +303,8 @@ struct NbdfsMount {
     gint64 failed_at;              /* monotonic us, when FAILED */
 
     NbdfsSource *source;           /* the fs's */
-    int local_read_fd;             /* a read-only local raw image, read directly; or -1 */
-    gint backing_id;               /* local_read_fd registered for passthrough (0: not yet) */
+    int image_fd;                  /* a local raw image, our own descriptor of it; or -1 */
+    gint backing_id;               /* image_fd registered for passthrough (0: not yet) */
     NbdfsConn **conns;
     unsigned n_conns;
     guint next_conn;               /* round robin */
@@ -345,6 +347,13 @@ struct NbdfsMount {
     bool keep_cache;               /* nobody else can change the export */
 };
 
+/* --passthrough: what of a local raw image the kernel may do without nbdfs. */
+typedef enum {
+    NBDFS_PASSTHROUGH_OFF,
+    NBDFS_PASSTHROUGH_READS,       /* read a read-only mount's image (the default) */
+    NBDFS_PASSTHROUGH_ALL,         /* also read and write a writable mount's image */
+} NbdfsPassthrough;
+
 /* The file system: one export, or (--all) a directory per export of a server. */
 struct NbdfsFs {
     NbdfsSource *source;
@@ -359,14 +368,20 @@ struct NbdfsFs {
     bool read_only;
     unsigned connections;
     unsigned timeout;
-    bool no_passthrough;           /* --no-passthrough */
+    NbdfsPassthrough passthrough_mode;   /* --passthrough */
 
     /*
      * FUSE passthrough (libfuse >= 3.16, Linux >= 6.9) was negotiated: opens
-     * of a read-only local raw image hand the kernel the image, which then
-     * reads it without asking us.  Cleared if the kernel refuses a file.
+     * of a local raw image hand the kernel the image, which then reads (and,
+     * mounted writable, writes) it without asking us.  Cleared if the kernel
+     * refuses a file.
      */
     gint passthrough;
+    /*
+     * Writes may reach the image without us (writable passthrough): what we
+     * cache of its allocation cannot be trusted (lseek asks the image).
+     */
+    bool untracked_writes;
 
     struct fuse_session *session;
     char *mountpoint;

@@ -34,10 +34,24 @@ static NbdfsFile *file_of(struct fuse_file_info *fi)
     return (NbdfsFile *)(uintptr_t)fi->fh;
 }
 
+/*
+ * Writes that bypass us (writable passthrough) change the image's
+ * allocation unseen: nothing cached of it may be used.
+ */
+static void forget_unseen_writes(NbdfsMount *m)
+{
+    if (m->fs->untracked_writes) {
+        nbdfs_extent_cache_clear(m->allocation->cache);
+    }
+}
+
 int nbdfs_export_getattr(NbdfsMount *m, struct stat *st)
 {
     uint64_t allocated;
-    int err = nbdfs_counted_bytes(m, m->allocation, &allocated);
+    int err;
+
+    forget_unseen_writes(m);
+    err = nbdfs_counted_bytes(m, m->allocation, &allocated);
 
     if (err) {
         return err;
@@ -58,10 +72,10 @@ static int passthrough_backing_id(fuse_req_t req, NbdfsMount *m)
 {
     int id = g_atomic_int_get(&m->backing_id);
 
-    if (id > 0 || m->local_read_fd < 0 || !g_atomic_int_get(&m->fs->passthrough)) {
+    if (id > 0 || m->image_fd < 0 || !g_atomic_int_get(&m->fs->passthrough)) {
         return MAX(id, 0);
     }
-    id = fuse_passthrough_open(req, m->local_read_fd);
+    id = fuse_passthrough_open(req, m->image_fd);
     if (id <= 0) {
         int err = errno;
         if (g_atomic_int_compare_and_exchange(&m->fs->passthrough, 1, 0)) {
@@ -102,12 +116,14 @@ void nbdfs_export_open(fuse_req_t req, NbdfsMount *m, struct fuse_file_info *fi)
     fi->fh = (uintptr_t)nbdfs_file_open(m, writable);
 #if NBDFS_HAVE_PASSTHROUGH
     /*
-     * Reads (and mmap) of this file go to the image without reaching us,
-     * through its page cache (the kernel refuses keep_cache with it).
+     * Reads, writes and mmap of this file go to the image without reaching
+     * us, through its page cache (the kernel refuses keep_cache with it, and
+     * direct_io would take precedence).
      */
     fi->backing_id = passthrough_backing_id(req, m);
     if (fi->backing_id > 0) {
         fi->keep_cache = false;
+        fi->direct_io = false;
     }
 #endif
     if (fuse_reply_open(req, fi) != 0) {
@@ -187,7 +203,7 @@ void nbdfs_export_read(fuse_req_t req, NbdfsMount *m, size_t size, off_t off)
         return;
     }
     hi = off + MIN(size, m->size - off);
-    if (m->read_only && m->local_read_fd >= 0) {
+    if (m->read_only && m->image_fd >= 0) {
         /*
          * A read-only mount of a local raw image: nothing can be written
          * meanwhile, and the bundled server would only pread the same file;
@@ -196,7 +212,7 @@ void nbdfs_export_read(fuse_req_t req, NbdfsMount *m, size_t size, off_t off)
          */
         struct fuse_bufvec bv = FUSE_BUFVEC_INIT(hi - off);
         bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY;
-        bv.buf[0].fd = m->local_read_fd;
+        bv.buf[0].fd = m->image_fd;
         bv.buf[0].pos = off;
         fuse_reply_data(req, &bv, FUSE_BUF_SPLICE_MOVE);
         return;
@@ -420,6 +436,19 @@ void nbdfs_export_lseek(fuse_req_t req, NbdfsMount *m, off_t off, int whence)
 
     if (off < 0) {
         fuse_reply_err(req, ENXIO);
+        return;
+    }
+    if (m->fs->untracked_writes) {
+        /*
+         * The image is written past us: ask it directly, as the server would
+         * (its base:allocation is the image's SEEK_DATA/SEEK_HOLE).
+         */
+        off_t r = lseek(m->image_fd, off, whence);
+        if (r < 0) {
+            fuse_reply_err(req, errno);
+        } else {
+            fuse_reply_lseek(req, r);
+        }
         return;
     }
     err = nbdfs_seek(m, m->allocation, off, whence == SEEK_DATA, &result);

@@ -168,7 +168,7 @@ NbdfsSource *nbdfs_source_open(const char *spec, char **command, bool read_only,
     g_auto(GStrv) qemu_nbd = NULL;
 
     src->spec = g_strdup(spec);
-    src->local_read_fd = -1;
+    src->image_fd = -1;
     if (command) {
         src->spawned = nbdfs_spawn_start(command, error);
         return src->spawned ? g_steal_pointer(&src) : NULL;
@@ -194,9 +194,8 @@ NbdfsSource *nbdfs_source_open(const char *spec, char **command, bool read_only,
             !nbds_server_start_control(src->server, error)) {
             return NULL;
         }
-        if (read_only) {
-            src->local_read_fd = nbds_export_image_fd(exp);
-        }
+        src->export = exp;
+        src->image_fd = nbds_export_image_fd(exp);
         return g_steal_pointer(&src);
     }
     qemu_nbd = qemu_nbd_argv(src, read_only, error);

@@ -201,6 +201,16 @@ void nbds_bitmaps_mark(NbdsBitmapSet *set, uint64_t offset, uint64_t len)
     }
 }
 
+bool nbds_bitmaps_any_enabled(const NbdsBitmapSet *set)
+{
+    for (guint i = 0; set && i < set->bitmaps->len; i++) {
+        if (((NbdsBitmap *)g_ptr_array_index(set->bitmaps, i))->enabled) {
+            return true;
+        }
+    }
+    return false;
+}
+
 int nbds_bitmap_extents(NbdsBitmapSet *set, const NbdsBitmap *bm, NbdsExtents *e)
 {
     if (bm->inconsistent) {

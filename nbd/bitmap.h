@@ -86,6 +86,8 @@ void nbds_bitmap_info(const NbdsBitmapSet *set, const NbdsBitmap *bm, NbdsBitmap
 
 /* Data path: mark [OFFSET, OFFSET+LEN) dirty in every enabled bitmap.  Lock-free. */
 void nbds_bitmaps_mark(NbdsBitmapSet *set, uint64_t offset, uint64_t len);
+/* Is any bitmap of SET enabled (consistent or not)? */
+bool nbds_bitmaps_any_enabled(const NbdsBitmapSet *set);
 /* Write changed marks to the sidecar and sync it; 0 or an errno. */
 int nbds_bitmaps_sync(NbdsBitmapSet *set);
 /* Dirty status (bit 0) of BM over e's range, merged and granularity-aligned. */

@@ -243,6 +243,12 @@ static bool bitmap_command(NbdsExport *exp, char **argv, GString *out, GError **
     }
     /* No write runs meanwhile: each is wholly before or after the edit. */
     pthread_rwlock_wrlock(&exp->gate);
+    if (exp->untracked_writer && (edit == NBDS_BITMAP_ADD || edit == NBDS_BITMAP_ENABLE)) {
+        /* A bitmap must never miss a change: none may track writes it cannot see. */
+        pthread_rwlock_unlock(&exp->gate);
+        g_set_error(error, G_IO_ERROR, G_IO_ERROR_BUSY, "%s", exp->untracked_writer);
+        return false;
+    }
     bm = nbds_bitmaps_edit_in_use(exp->bitmaps, edit, argv[1], (uint32_t)granularity, &ok,
                                   error);
     if (bm && edit == NBDS_BITMAP_ADD) {

@@ -142,6 +142,7 @@ struct NbdsExport {
     pthread_rwlock_t gate;
     GPtrArray *views;              /* NbdsBackupView * of this image; changed under gate */
     NbdsBackupView *view;          /* set when this export is a backup view */
+    char *untracked_writer;        /* under gate: who writes the image without us, or NULL */
     int refs;                      /* references held by connections (export, meta_export) */
     int clients;                   /* connections in transmission on it */
 };

@@ -60,6 +60,7 @@ void nbds_export_free(NbdsExport *exp)
     g_ptr_array_unref(exp->contexts);
     g_rw_lock_clear(&exp->contexts_lock);
     pthread_rwlock_destroy(&exp->gate);
+    g_free(exp->untracked_writer);
     /* Not closed cleanly (no shutdown): the in-use flag stays and flags the bitmaps. */
     nbds_bitmaps_free(exp->bitmaps);
     if (!exp->view) {
@@ -241,6 +242,20 @@ NbdsExport *nbds_server_add_export(NbdsServer *s, const char *path, GError **err
 int nbds_export_image_fd(const NbdsExport *exp)
 {
     return nbds_image_fd(exp->image);
+}
+
+bool nbds_export_allow_untracked_writes(NbdsExport *exp, const char *why)
+{
+    bool allowed;
+
+    /* Atomic against bitmap edits, which hold the gate too. */
+    pthread_rwlock_wrlock(&exp->gate);
+    allowed = !nbds_bitmaps_any_enabled(exp->bitmaps);
+    if (allowed && !exp->untracked_writer) {
+        exp->untracked_writer = g_strdup(why);
+    }
+    pthread_rwlock_unlock(&exp->gate);
+    return allowed;
 }
 
 uint16_t nbds_export_flags(const NbdsExport *exp)

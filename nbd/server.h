@@ -57,6 +57,12 @@ NbdsServer *nbds_server_new(const NbdsServerConfig *config, GError **error);
 NbdsExport *nbds_server_add_export(NbdsServer *server, const char *path, GError **error);
 /* The descriptor EXP's image is served from (the server's: not to be closed). */
 int nbds_export_image_fd(const NbdsExport *exp);
+/*
+ * From now on the image is written without the server (FUSE passthrough
+ * of the mount that serves it), so no bitmap may track it: true if none is
+ * enabled; from then on enabling or adding one is refused, naming WHY.
+ */
+bool nbds_export_allow_untracked_writes(NbdsExport *exp, const char *why);
 
 /* Listening sockets: a unix socket, TCP, or an already listening fd (socket activation). */
 /* A unix socket at PATH with permissions MODE (it is created owner-only first). */

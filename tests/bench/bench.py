@@ -23,7 +23,9 @@ pages; the images live on tmpfs, so their own pages stay in memory (primed) thro
 
 Subjects
     nbdfs         `nbdfs mount -f URI MNT` of a qemu-nbd export (file MNT/disk)
-    nbdfs local   `nbdfs mount -f IMAGE MNT`, the bundled server in-process
+    nbdfs local   `nbdfs mount -f IMAGE MNT`, the bundled server in-process (read-only:
+                  read by the kernel with FUSE passthrough where libfuse has it)
+    nbdfs local all   the same with --passthrough=all (write workloads, a copy of the image)
     nbdfuse       `nbdfuse MNT URI` (libnbd 1.22, default 4 connections; file MNT/nbd)
     qsd nbd       qemu-storage-daemon FUSE export of an NBD client node (driver=nbd)
     qsd file      qemu-storage-daemon FUSE export of the raw file (driver=file, locking=off)
@@ -1079,11 +1081,20 @@ def check_copy(name, img, dst, size, stride, ext_len):
 # ---------------------------------------------------------------------------------------
 # W4: sequential write
 
-def writable_mounts(srv, img):
+def subject_image(name, img):
+    """The image subject NAME of a write workload writes: IMG, but for the
+    passthrough=all mount, which has a copy of its own (a local mount locks its image)."""
+    return img + ".all" if name == "nbdfs local all" else img
+
+
+def writable_mounts(stack, srv, img):
     """The makers of the write workloads' subjects: SRV (qemu-nbd of IMG) and IMG itself."""
+    all_img = copy_file(img, subject_image("nbdfs local all", img))
+    stack.callback(lambda: os.path.exists(all_img) and os.unlink(all_img))
     return [
         ("nbdfs", lambda: mount_nbdfs(srv.uri)),
         ("nbdfs local", lambda: mount_nbdfs(img)),
+        ("nbdfs local all", lambda: mount_nbdfs(all_img, extra=["--passthrough=all"])),
         ("nbdfuse", lambda: mount_nbdfuse(srv.uri)),
         ("qsd nbd", lambda: mount_qsd_nbd(srv.sock)),
         ("qsd file", lambda: mount_qsd_file(img)),
@@ -1102,7 +1113,7 @@ def w4(want):
         st.callback(lambda: os.path.exists(img) and os.unlink(img))
         srv = start_qemu_nbd(img)
         st.callback(srv.stop)
-        makers = writable_mounts(srv, img)
+        makers = writable_mounts(st, srv, img)
         subjects = open_subjects(st, wl, unit, makers)
         index = {name: i for i, (name, _) in enumerate(makers)}
         skips = {}
@@ -1114,7 +1125,8 @@ def w4(want):
             skips[name] = skip
             t, _ = timed(["dd", "if=" + src, "of=" + s.path, "bs=1M", "count=%d" % (size // MiB),
                           "skip=%d" % skip, "conv=fsync,notrunc", "status=none"], timeout=600)
-            sample_check(name + " (written)", img, src, size, ref_offset=skip * MiB)
+            sample_check(name + " (written)", subject_image(name, img), src, size,
+                         ref_offset=skip * MiB)
             return size / MiB / t
         measure(wl, subjects, unit, one)
     wl.ratios("nbdfuse")
@@ -1317,7 +1329,7 @@ def w9(want):
         st.callback(lambda: os.path.exists(img) and os.unlink(img))
         srv = start_qemu_nbd(img)
         st.callback(srv.stop)
-        subjects = open_subjects(st, wl, unit, writable_mounts(srv, img))
+        subjects = open_subjects(st, wl, unit, writable_mounts(st, srv, img))
 
         def one(name, s, r):
             j = fio_json(["--name=w9", "--filename=" + s.path, "--rw=randrw", "--rwmixread=70",

@@ -18,7 +18,9 @@ class TopLevel(nbdfs_test.TestCase):
         p = run([NBDFS, "--help"])
         for sub in ("serve", "bitmap"):
             self.assertIn(sub, p.stdout)
-        self.assertRegex(run([NBDFS, "--version"]).stdout, r"^nbdfs \d+\.\d+\.\d+\n$")
+        self.assertRegex(run([NBDFS, "--version"]).stdout,
+                         r"^nbdfs \d+\.\d+\.\d+\nlibfuse \d+\.\d+\.\d+, FUSE passthrough "
+                         r"(supported|unsupported \(libfuse < 3\.16\))\n$")
         self.assertIn("--socket", run([NBDFS, "serve", "--help"]).stdout)
         self.assertIn("granularity", run([NBDFS, "bitmap", "add", "--help"]).stdout)
 

@@ -55,7 +55,7 @@ class MountConventionsTest(t.TestCase):
     def test_mount_t_with_options(self):
         self.install_helper()
         run(["mount", "-t", "fuse.nbdfs", self.srv.uri(), self.mnt, "-o",
-             "ro,name=disk.raw,timeout=5,connections=2,no_passthrough,allow_other,_netdev,nofail,"
+             "ro,name=disk.raw,timeout=5,connections=2,allow_other,_netdev,nofail,"
              "x-systemd.automount,defaults"])
         self.check_mounted("disk.raw")
         with open("/proc/self/mountinfo") as f:

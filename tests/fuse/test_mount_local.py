@@ -2,6 +2,7 @@
 """nbdfs mount of a local raw image (the bundled server in-process) and of an
 'nbdfs serve' URI: bytes, holes, allocation, writes, read-only, unmount."""
 import concurrent.futures
+import contextlib
 import errno
 import filecmp
 import mmap
@@ -37,6 +38,12 @@ def allocated_bytes(entries):
 
 def is_data(status):
     return not status & 2          # a range reading as zeros counts as a hole
+
+
+def continue_process(pid):
+    """SIGCONT to PID, if it is still there."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
 
 
 def passthrough_expected():
@@ -167,27 +174,33 @@ class LocalImageTest(t.TestCase):
         m.unmount()
         self.assertEqual(os.stat(self.image).st_mtime_ns, before)
 
-    def reads_with_daemon_stopped(self, m, name, offsets):
-        """Open NAME, stop the mount's daemon, pread 1 MiB at each of OFFSETS
-        (never read before).  Returns (finished while stopped?, the bytes,
-        read once the daemon goes on if they had to wait)."""
+    def with_daemon_stopped(self, m, fd, io):
+        """Stop the mount's daemon and call IO() in a thread.  Returns
+        (finished while stopped?, its result, once the daemon goes on if it
+        had to wait)."""
         pid = m.process.proc.pid if m.process else m.pids[0]
-        fd = os.open(m.path(name), os.O_RDONLY)
-        self.addCleanup(os.close, fd)
         pool = concurrent.futures.ThreadPoolExecutor(1)
         self.addCleanup(pool.shutdown)
         os.kill(pid, signal.SIGSTOP)
-        self.addCleanup(os.kill, pid, signal.SIGCONT)
-        reads = pool.submit(lambda: [os.pread(fd, MiB, off) for off in offsets])
+        self.addCleanup(continue_process, pid)
+        future = pool.submit(io)
         try:
-            data = reads.result(timeout=5)
+            result = future.result(timeout=5)
             finished = True
         except concurrent.futures.TimeoutError:
             finished = False
         os.kill(pid, signal.SIGCONT)
         if not finished:
-            data = reads.result(timeout=30)
-        return finished, data
+            result = future.result(timeout=30)
+        return finished, result
+
+    def reads_with_daemon_stopped(self, m, name, offsets):
+        """Open NAME and pread 1 MiB at each of OFFSETS (never read before)
+        with the daemon stopped: (finished while stopped?, the bytes)."""
+        fd = os.open(m.path(name), os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        return self.with_daemon_stopped(
+            m, fd, lambda: [os.pread(fd, MiB, off) for off in offsets])
 
     def test_read_only_passthrough(self):
         """A read-only local raw image: with FUSE passthrough the kernel reads
@@ -209,13 +222,85 @@ class LocalImageTest(t.TestCase):
         self.assertEqual(t.data_extents_by_lseek(m.path("disk.img")),
                          t.data_extents_by_lseek(self.image))
 
-    def test_no_passthrough_option(self):
-        """--no-passthrough: every read of a read-only image goes through nbdfs."""
-        m = self.mount(self.image, "-r", "--no-passthrough")
+    def test_passthrough_off(self):
+        """--passthrough=off: every read of a read-only image goes through nbdfs."""
+        m = self.mount(self.image, "-r", "--passthrough=off")
         finished, data = self.reads_with_daemon_stopped(m, "disk.img", [20 * MiB])
         self.assertFalse(finished, "a read finished while nbdfs was stopped")
         with open(self.image, "rb") as f:
             self.assertEqual(data, [os.pread(f.fileno(), MiB, 20 * MiB)])
+
+    def test_passthrough_option_errors(self):
+        mnt = self.path("mnt-bad")
+        os.mkdir(mnt)
+        for args, message in ((["--passthrough=fast", self.image], "'fast' is not reads, all or off"),
+                              (["--passthrough=all", "nbd://localhost/x"], "only for a local raw image")):
+            p = t.run([t.NBDFS, "mount"] + args + [mnt], check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("--passthrough: " + message, p.stderr)
+        self.assertFalse(t.is_mounted(mnt))
+
+    def test_writable_passthrough(self):
+        """--passthrough=all, a writable local raw image with no bitmap
+        enabled: the kernel writes it too (while the daemon is stopped),
+        lseek and st_blocks see those writes at once, and no bitmap may be
+        enabled meanwhile."""
+        t.run([t.NBDFS, "bitmap", "add", self.image, "off"])
+        t.run([t.NBDFS, "bitmap", "disable", self.image, "off"])
+        passthrough = passthrough_expected()
+        m = self.mount(self.image, "--passthrough=all")
+        with open(m.path("disk.img"), "r+b", buffering=0) as f:
+            fd = f.fileno()
+            # The first write asks nbdfs once for security.capability (kernel's
+            # file_remove_privs); later ones need nothing from it.
+            os.pwrite(fd, b"\x01" * 4096, 0)
+            data = random.Random(7).randbytes(MiB)
+            finished, back = self.with_daemon_stopped(
+                m, fd, lambda: (os.pwrite(fd, data, 52 * MiB), os.pread(fd, MiB, 52 * MiB))[1])
+            self.assertEqual(finished, passthrough)
+            self.assertEqual(back, data)
+            # The new extent (in a hole) is data for lseek and st_blocks at once, as in the image.
+            self.assertEqual(os.lseek(fd, 49 * MiB, os.SEEK_DATA), 52 * MiB)
+            self.assertEqual(os.lseek(fd, 52 * MiB, os.SEEK_HOLE), 53 * MiB)
+            image_extents = t.data_extents_by_lseek(self.image)
+            self.assertEqual(t.data_extents_by_lseek(m.path("disk.img")), image_extents)
+            self.assertEqual(os.stat(m.path("disk.img")).st_blocks * 512,
+                             sum(n for _, n in image_extents))
+            # Enabling a bitmap now would miss those writes: refused, naming the way out.
+            for cmd in (["add", self.image, "b1"], ["enable", self.image, "off"]):
+                p = t.run([t.NBDFS, "bitmap"] + cmd, check=False)
+                if passthrough:
+                    self.assertNotEqual(p.returncode, 0)
+                    self.assertIn("FUSE passthrough", p.stderr)
+                    self.assertIn("--passthrough=all", p.stderr)
+                else:
+                    self.assertEqual(p.returncode, 0, p.stderr)
+            os.fsync(fd)
+        m.unmount()
+        with open(self.image, "rb") as f:
+            self.assertEqual(os.pread(f.fileno(), MiB, 52 * MiB), data)
+        t.run([t.NBDFS, "bitmap", "add", self.image, "b2"])
+
+    def test_enabled_bitmap_keeps_writes_in_nbdfs(self):
+        """With a bitmap enabled every write must mark it: even with
+        --passthrough=all, a write waits for a stopped daemon (and is then
+        marked); so does one of a writable mount by default."""
+        t.run([t.NBDFS, "bitmap", "add", self.image, "b0"])
+        for args, offset in ((["--passthrough=all"], 40 * MiB), ([], 48 * MiB)):
+            m = self.mount(self.image, *args)
+            fd = os.open(m.path("disk.img"), os.O_RDWR)
+            try:
+                os.pwrite(fd, b"\x01" * 4096, 0)
+                finished, _ = self.with_daemon_stopped(
+                    m, fd, lambda: os.pwrite(fd, b"\x02" * 65536, offset))
+                self.assertFalse(finished, "a write finished while nbdfs was stopped "
+                                 "(mount options %s)" % args)
+                os.fsync(fd)
+                with open(m.path("dirty", "b0.map")) as f:
+                    self.assertIn("%d 65536\n" % offset, f.read())
+            finally:
+                os.close(fd)
+            m.unmount()
 
     def test_read_only_export(self):
         srv = self.start_nbdfs([self.image], "-r")
