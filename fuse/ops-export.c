@@ -441,9 +441,13 @@ void nbdfs_export_lseek(fuse_req_t req, NbdfsMount *m, off_t off, int whence)
     if (m->fs->untracked_writes) {
         /*
          * The image is written past us: ask it directly, as the server would
-         * (its base:allocation is the image's SEEK_DATA/SEEK_HOLE).
+         * (its base:allocation is the image's SEEK_DATA/SEEK_HOLE), once any
+         * write of ours answered early has landed (a file the kernel refused
+         * for passthrough writes through us).
          */
-        off_t r = lseek(m->image_fd, off, whence);
+        off_t r;
+        nbdfs_pending_drain(m);
+        r = lseek(m->image_fd, off, whence);
         if (r < 0) {
             fuse_reply_err(req, errno);
         } else {
