@@ -17,19 +17,28 @@ MiB = 1024 * 1024
 
 class MountFaults(nbdfs_test.TestCase):
 
-    def test_disk_full_reaches_the_writer_as_enospc(self):
+    def disk_full(self, status, *mount_args):
         small = self.small_tmpfs("small", "8m")
         img = nbdfs_test.make_image(os.path.join(small, "disk.img"), 64 * MiB)
-        m = self.mount(img)
+        m = self.mount(img, *mount_args)
         p = subprocess.run(["dd", "if=/dev/urandom", "of=" + m.path("disk.img"), "bs=1M",
                             "count=32", "conv=notrunc,fsync", "oflag=direct"],
                            capture_output=True, text=True, timeout=60)
         self.assertNotEqual(p.returncode, 0)
         self.assertIn("No space left on device", p.stderr)
-        # Nothing else broke: the mount still reads, and unmounts cleanly.
+        # Nothing else broke: the mount still reads, and unmounts; its exit
+        # status is 1 if writes failed through it (STATUS says).
         with open(m.path("disk.img"), "rb") as f, open(img, "rb") as g:
             self.assertEqual(f.read(MiB), g.read(MiB))
-        m.unmount()
+        self.assertEqual(m.unmount(), status)
+
+    def test_disk_full_reaches_the_writer_as_enospc(self):
+        self.disk_full(1)
+
+    def test_disk_full_with_passthrough_writes(self):
+        """The same when the kernel writes the image itself (--passthrough=all):
+        it tells the writer alone, so the mount never saw a failed write."""
+        self.disk_full(0 if nbdfs_test.passthrough_expected() else 1, "--passthrough=all")
 
     def test_eight_parallel_writers_lose_nothing(self):
         size, writers = 64 * MiB, 8

@@ -6,6 +6,7 @@ test's cleanup (addCleanup), so a failing test leaves nothing running.
 import contextlib
 import errno
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -234,6 +235,13 @@ def is_mounted(path):
             if _unescape_mountinfo(line.split()[4]) == path:
                 return True
     return False
+
+
+def passthrough_expected():
+    """nbdfs's libfuse has FUSE passthrough (>= 3.16) and so has the kernel (>= 6.9)."""
+    version = run([NBDFS, "--version"]).stdout
+    release = tuple(map(int, re.match(r"(\d+)\.(\d+)", os.uname().release).groups()))
+    return "FUSE passthrough supported" in version and release >= (6, 9)
 
 
 def mount_pids(mountpoint):
