@@ -106,22 +106,6 @@ static void release_parent(NbdfsFs *fs)
     }
 }
 
-#if NBDFS_HAVE_PASSTHROUGH
-/* May a writable mount write the image past the server (no bitmap is enabled)? */
-static bool allow_untracked_writes(NbdfsFs *fs)
-{
-    g_autofree char *why = g_strdup_printf(
-        "%s is mounted on %s with FUSE passthrough, whose writes no bitmap can see: "
-        "unmount it, or mount it without --passthrough=all", fs->source->image, fs->mountpoint);
-
-    if (!nbds_export_allow_untracked_writes(fs->source->export, why)) {
-        g_debug("FUSE passthrough: off, writes must mark the image's enabled bitmaps");
-        return false;
-    }
-    return true;
-}
-#endif
-
 char *nbdfs_mount_fuse_version(void)
 {
     return g_strdup_printf("libfuse %s, FUSE passthrough %s", fuse_pkgversion(),
@@ -144,18 +128,16 @@ void nbdfs_session_init(void *userdata, struct fuse_conn_info *conn)
 #if NBDFS_HAVE_PASSTHROUGH
     /*
      * A local raw image: the kernel may read it directly (ops-export.c hands
-     * it the image at open), and write it too if no bitmap needs to see the
-     * writes (the server then refuses to enable one while mounted).
+     * it the image at the first open), and with --passthrough=all write it
+     * too, if no bitmap needs to see the writes (checked then).
      */
     if (fs->source->image_fd >= 0 && (conn->capable & FUSE_CAP_PASSTHROUGH) &&
         (fs->read_only ? fs->passthrough_mode != NBDFS_PASSTHROUGH_OFF
-                       : fs->passthrough_mode == NBDFS_PASSTHROUGH_ALL &&
-                         allow_untracked_writes(fs))) {
+                       : fs->passthrough_mode == NBDFS_PASSTHROUGH_ALL)) {
         conn->want |= FUSE_CAP_PASSTHROUGH;
         /* The image may itself be on a stacked file system (overlayfs). */
         conn->max_backing_stack_depth = 1;
         g_atomic_int_set(&fs->passthrough, 1);
-        fs->untracked_writes = !fs->read_only;
     }
 #endif
     g_debug("FUSE: max_write %u, max_readahead %u, max_background %u, passthrough %s",

@@ -48,8 +48,15 @@ NbdfsMount *nbdfs_fs_add_export(NbdfsFs *fs, const char *ask_name, const char *d
 
     m->fs = fs;
     m->source = fs->source;
-    /* Its own descriptor, closed with the export (nbdfs_fs_close_export). */
-    m->image_fd = reopen_image(fs->source->image_fd);
+    /*
+     * Its own descriptor, closed with the export (nbdfs_fs_close_export).
+     * Writable, the server's own description: a passthrough backing file
+     * then holds the image's exclusive lock for as long as the kernel may
+     * write through it (files left open after the mount's process ended).
+     */
+    m->image_fd = fs->read_only ? reopen_image(fs->source->image_fd)
+                  : fs->source->image_fd >= 0 ? fcntl(fs->source->image_fd, F_DUPFD_CLOEXEC, 0)
+                                              : -1;
     m->ask_name = g_strdup(ask_name);
     m->dir_name = g_strdup(dir_name);
     /* Export i's inodes: (i + 1) << 32 plus those of inodes.c; the top is 1. */

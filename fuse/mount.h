@@ -35,6 +35,10 @@
  *   descriptor), a local file, with no connection involved; with FUSE
  *   passthrough the kernel reads it and the read never reaches us (and with
  *   --passthrough=all writes too: lseek then asks the image, no connection).
+ *   The first open registers the image with the kernel; with --passthrough=all
+ *   that waits for the export's write gate (the server's writes in flight,
+ *   which never wait for a FUSE thread); concurrent opens wait for that
+ *   first one (g_once), never for anything else.
  *
  *   Completion callbacks never call libnbd (the handle lock is held there)
  *   and take only leaf locks: a leaf lock is held for a few instructions,
@@ -304,7 +308,8 @@ struct NbdfsMount {
 
     NbdfsSource *source;           /* the fs's */
     int image_fd;                  /* a local raw image, our own descriptor of it; or -1 */
-    gint backing_id;               /* image_fd registered for passthrough (0: not yet) */
+    gsize backing_once;            /* image_fd registered for passthrough (once) ... */
+    int backing_id;                /* ... as this backing id (0: the kernel refused) */
     NbdfsConn **conns;
     unsigned n_conns;
     guint next_conn;               /* round robin */
@@ -378,10 +383,11 @@ struct NbdfsFs {
      */
     gint passthrough;
     /*
-     * Writes may reach the image without us (writable passthrough): what we
-     * cache of its allocation cannot be trusted (lseek asks the image).
+     * Writes may reach the image without us (writable passthrough, set when
+     * the image is first registered): what we cache of its allocation cannot
+     * be trusted (lseek asks the image), and fsync always flushes.
      */
-    bool untracked_writes;
+    gint untracked_writes;
 
     struct fuse_session *session;
     char *mountpoint;

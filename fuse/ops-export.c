@@ -40,7 +40,7 @@ static NbdfsFile *file_of(struct fuse_file_info *fi)
  */
 static void forget_unseen_writes(NbdfsMount *m)
 {
-    if (m->fs->untracked_writes) {
+    if (g_atomic_int_get(&m->fs->untracked_writes)) {
         nbdfs_extent_cache_clear(m->allocation->cache);
     }
 }
@@ -63,32 +63,49 @@ int nbdfs_export_getattr(NbdfsMount *m, struct stat *st)
 }
 
 #if NBDFS_HAVE_PASSTHROUGH
+/* Register M's image with the kernel for passthrough: a backing id, or 0. */
+static int register_backing_file(fuse_req_t req, NbdfsMount *m)
+{
+    int id = fuse_passthrough_open(req, m->image_fd);
+
+    if (id <= 0) {
+        /* No CAP_SYS_ADMIN (the kernel wants it), or a file system it refuses. */
+        g_warning("the kernel refuses the image for FUSE passthrough (%s): nbdfs "
+                  "reads%s it instead", g_strerror(errno), m->read_only ? "" : " and writes");
+        return 0;
+    }
+    if (!m->read_only) {
+        g_autofree char *why = g_strdup_printf(
+            "%s is mounted on %s with --passthrough=all, whose writes no bitmap can see: "
+            "unmount it, or mount it without --passthrough=all", m->source->image,
+            m->fs->mountpoint);
+        if (!nbds_export_allow_untracked_writes(m->source->export, why)) {
+            g_message("FUSE passthrough: off, writes must mark the image's enabled bitmaps");
+            fuse_passthrough_close(req, id);
+            return 0;
+        }
+        /* Before any open gets the id: from now on nothing cached of the image holds. */
+        g_atomic_int_set(&m->fs->untracked_writes, 1);
+    }
+    return id;
+}
+
 /*
- * The backing id of M's image for FUSE passthrough, registered by the first
- * open that needs it and kept until the FUSE connection ends (the kernel
- * then lets go of the image); 0 if the kernel reads nothing itself.
+ * The backing id of M's image for FUSE passthrough, registered once by the
+ * first open (the others wait for it: the kernel refuses an inode open both
+ * with and without passthrough) and kept until the FUSE connection ends;
+ * 0 if the kernel does nothing itself.
  */
 static int passthrough_backing_id(fuse_req_t req, NbdfsMount *m)
 {
-    int id = g_atomic_int_get(&m->backing_id);
-
-    if (id > 0 || m->image_fd < 0 || !g_atomic_int_get(&m->fs->passthrough)) {
-        return MAX(id, 0);
-    }
-    id = fuse_passthrough_open(req, m->image_fd);
-    if (id <= 0) {
-        int err = errno;
-        if (g_atomic_int_compare_and_exchange(&m->fs->passthrough, 1, 0)) {
-            g_warning("the kernel refuses the image for FUSE passthrough (%s): nbdfs "
-                      "reads it instead", g_strerror(err));
-        }
+    if (m->image_fd < 0 || !g_atomic_int_get(&m->fs->passthrough)) {
         return 0;
     }
-    if (!g_atomic_int_compare_and_exchange(&m->backing_id, 0, id)) {
-        fuse_passthrough_close(req, id);   /* another open registered it first */
-        id = g_atomic_int_get(&m->backing_id);
+    if (g_once_init_enter(&m->backing_once)) {
+        m->backing_id = register_backing_file(req, m);
+        g_once_init_leave(&m->backing_once, 1);
     }
-    return id;
+    return m->backing_id;
 }
 #endif
 
@@ -325,7 +342,13 @@ void nbdfs_export_fsync(fuse_req_t req, NbdfsMount *m, struct fuse_file_info *fi
     /* Writes answered early must be done (and their errors known). */
     nbdfs_pending_drain(m);
     err = f ? nbdfs_file_take_error(m, f, true) : 0;
-    if (err || m->read_only || !m->can_flush || !nbdfs_files_need_flush(m)) {
+    /*
+     * The kernel's passthrough writes never reach us, but fsync does: flush
+     * whenever the kernel may have written (the server's fdatasync of the
+     * image covers every descriptor of it).
+     */
+    if (err || m->read_only || !m->can_flush ||
+        !(nbdfs_files_need_flush(m) || g_atomic_int_get(&m->fs->untracked_writes))) {
         fuse_reply_err(req, err);
         return;
     }
@@ -438,7 +461,7 @@ void nbdfs_export_lseek(fuse_req_t req, NbdfsMount *m, off_t off, int whence)
         fuse_reply_err(req, ENXIO);
         return;
     }
-    if (m->fs->untracked_writes) {
+    if (g_atomic_int_get(&m->fs->untracked_writes) && m->image_fd >= 0) {
         /*
          * The image is written past us: ask it directly, as the server would
          * (its base:allocation is the image's SEEK_DATA/SEEK_HOLE), once any

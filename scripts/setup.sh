@@ -67,7 +67,7 @@ SRC
 build_pkgs=(build-essential meson ninja-build pkg-config libfuse3-dev fuse3 libglib2.0-dev
             libjson-glib-dev
             libxml2-dev libgnutls28-dev gnutls-bin jq python3 python3-dev util-linux coreutils
-            rsync tar iproute2 e2fsprogs clang libclang-rt-14-dev valgrind fio)
+            rsync tar iproute2 e2fsprogs clang libclang-rt-14-dev valgrind fio strace)
 test_peers=(nbdkit nbd-server)
 qemu_pkgs=(qemu-utils qemu-system-common qemu-block-extra)
 
@@ -128,12 +128,10 @@ have_new_libfuse() {
   PKG_CONFIG_PATH=$libfuse_prefix/lib/pkgconfig pkg-config --atleast-version=3.16 fuse3
 }
 if ! have_new_libfuse; then
-  add_source deb-src sid
-  apt_update
-  install_pkgs dpkg-dev liburing-dev libnuma-dev
   fwork=$(mktemp -d /tmp/nbdfs-libfuse.XXXXXX)
   log "building libfuse from Debian's newest source package in $fwork"
-  if (
+  # Optional: any failure (sid's index unreachable included) leaves the system's libfuse.
+  if add_source deb-src sid && apt_update && install_pkgs dpkg-dev liburing-dev libnuma-dev && (
     cd "$fwork" && apt-get source -qq fuse3/sid >/dev/null 2>&1 &&
       src=$(find "$fwork" -maxdepth 1 -type d -name 'fuse3-*' | head -1) && [ -n "$src" ] &&
       cd "$src" &&
@@ -145,6 +143,9 @@ if ! have_new_libfuse; then
   else
     tail -20 "$fwork"/*.log 2>/dev/null >&2 || true
     log "warning: building libfuse failed: nbdfs uses the system's $(pkg-config --modversion fuse3) (no FUSE passthrough)"
+    # A sid index that cannot be fetched must not break every later apt-get update.
+    sed -i '/^# nbdfs deb-src sid$/,/^$/d' "$sources_file"
+    apt_updated=
   fi
   rm -rf "$fwork"
 fi

@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 
 import nbdfs_test as t
 
@@ -269,8 +270,7 @@ class LocalImageTest(t.TestCase):
                 p = t.run([t.NBDFS, "bitmap"] + cmd, check=False)
                 if passthrough:
                     self.assertNotEqual(p.returncode, 0)
-                    self.assertIn("FUSE passthrough", p.stderr)
-                    self.assertIn("--passthrough=all", p.stderr)
+                    self.assertIn("is mounted on %s with --passthrough=all" % m.mountpoint, p.stderr)
                 else:
                     self.assertEqual(p.returncode, 0, p.stderr)
             os.fsync(fd)
@@ -278,6 +278,42 @@ class LocalImageTest(t.TestCase):
         with open(self.image, "rb") as f:
             self.assertEqual(os.pread(f.fileno(), MiB, 52 * MiB), data)
         t.run([t.NBDFS, "bitmap", "add", self.image, "b2"])
+
+    def test_writable_passthrough_fsync_and_lock(self):
+        """--passthrough=all: fsync makes the server sync the image (the
+        kernel's writes never reach nbdfs, its fsync does), and a file left
+        open when the mount's process is killed keeps the image locked."""
+        passthrough = t.passthrough_expected()
+        m = self.mount(self.image, "--passthrough=all")
+        pid = m.process.proc.pid if m.process else m.pids[0]
+        trace = self.path("strace.out")
+        tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=fdatasync", "-o", trace,
+                                   "-p", str(pid)], stderr=subprocess.DEVNULL)
+        self.addCleanup(tracer.wait, 10)
+        self.addCleanup(tracer.terminate)
+        # strace attaches to every thread before it writes anything; give it a second.
+        time.sleep(1)
+        fd = os.open(m.path("disk.img"), os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\x05" * 4096, 52 * MiB)
+            os.fsync(fd)
+            tracer.terminate()
+            tracer.wait(10)
+            with open(trace) as f:
+                self.assertIn("fdatasync(", f.read())
+            if passthrough:
+                os.kill(pid, signal.SIGKILL)
+                t.wait_for(lambda: t.pid_exited(pid), what="the mount's process to end")
+                p = t.run(["flock", "-n", "-x", self.image, "true"], check=False)
+                self.assertEqual(p.returncode, 1, "the image is not locked any more")
+                os.pwrite(fd, b"\x06" * 4096, 56 * MiB)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if passthrough:
+            t.unmount(m.mountpoint)
+        with open(self.image, "rb") as f:
+            self.assertEqual(os.pread(f.fileno(), 4096, 52 * MiB), b"\x05" * 4096)
 
     def test_enabled_bitmap_keeps_writes_in_nbdfs(self):
         """With a bitmap enabled every write must mark it: even with
