@@ -35,23 +35,31 @@ static NbdfsFile *file_of(struct fuse_file_info *fi)
 }
 
 /*
- * Writes that bypass us (writable passthrough) change the image's
- * allocation unseen: nothing cached of it may be used.
+ * Bytes st_blocks counts.  With writes that bypass us (writable
+ * passthrough) nothing cached of the image's allocation holds, and walking
+ * its extents at every getattr would cost as much as it has extents: its
+ * own st_blocks says the same in one call, once any write of ours answered
+ * early has landed.
  */
-static void forget_unseen_writes(NbdfsMount *m)
+static int allocated_bytes(NbdfsMount *m, uint64_t *bytes)
 {
-    if (g_atomic_int_get(&m->fs->untracked_writes)) {
-        nbdfs_extent_cache_clear(m->allocation->cache);
+    struct stat image;
+
+    if (!g_atomic_int_get(&m->fs->untracked_writes) || m->image_fd < 0) {
+        return nbdfs_counted_bytes(m, m->allocation, bytes);
     }
+    nbdfs_pending_drain(m);
+    if (fstat(m->image_fd, &image) < 0) {
+        return errno;
+    }
+    *bytes = (uint64_t)image.st_blocks * 512;
+    return 0;
 }
 
 int nbdfs_export_getattr(NbdfsMount *m, struct stat *st)
 {
     uint64_t allocated;
-    int err;
-
-    forget_unseen_writes(m);
-    err = nbdfs_counted_bytes(m, m->allocation, &allocated);
+    int err = allocated_bytes(m, &allocated);
 
     if (err) {
         return err;

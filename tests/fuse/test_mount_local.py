@@ -263,8 +263,11 @@ class LocalImageTest(t.TestCase):
             self.assertEqual(os.lseek(fd, 52 * MiB, os.SEEK_HOLE), 53 * MiB)
             image_extents = t.data_extents_by_lseek(self.image)
             self.assertEqual(t.data_extents_by_lseek(m.path("disk.img")), image_extents)
-            self.assertEqual(os.stat(m.path("disk.img")).st_blocks * 512,
-                             sum(n for _, n in image_extents))
+            # Written past nbdfs, the file counts the image's own blocks (one
+            # fstat, not a walk of its extents); else its data extents.
+            self.assertEqual(os.stat(m.path("disk.img")).st_blocks,
+                             os.stat(self.image).st_blocks if passthrough
+                             else sum(n for _, n in image_extents) // 512)
             # Enabling a bitmap now would miss those writes: refused, naming the way out.
             for cmd in (["add", self.image, "b1"], ["enable", self.image, "off"]):
                 p = t.run([t.NBDFS, "bitmap"] + cmd, check=False)
@@ -281,26 +284,38 @@ class LocalImageTest(t.TestCase):
 
     def test_writable_passthrough_fsync_and_lock(self):
         """--passthrough=all: fsync makes the server sync the image (the
-        kernel's writes never reach nbdfs, its fsync does), and a file left
-        open when the mount's process is killed keeps the image locked."""
+        kernel's writes never reach nbdfs, its fsync does), st_blocks comes
+        from the image's own (no walk of its extents), and a file left open
+        when the mount's process is killed keeps the image locked."""
         passthrough = t.passthrough_expected()
         m = self.mount(self.image, "--passthrough=all")
         pid = m.process.proc.pid if m.process else m.pids[0]
         trace = self.path("strace.out")
-        tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=fdatasync", "-o", trace,
-                                   "-p", str(pid)], stderr=subprocess.DEVNULL)
-        self.addCleanup(tracer.wait, 10)
-        self.addCleanup(tracer.terminate)
-        # strace attaches to every thread before it writes anything; give it a second.
-        time.sleep(1)
+        # Opened first: the first open hands the image to the kernel (until
+        # then, a stat counts the image's extents through block status).
         fd = os.open(m.path("disk.img"), os.O_RDWR)
         try:
+            tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=fdatasync,lseek",
+                                       "-o", trace, "-p", str(pid)], stderr=subprocess.DEVNULL)
+            self.addCleanup(tracer.wait, 10)
+            self.addCleanup(tracer.terminate)
+            # strace attaches to every thread before it writes anything; give it a second.
+            time.sleep(1)
             os.pwrite(fd, b"\x05" * 4096, 52 * MiB)
             os.fsync(fd)
+            # Past the kernel's attribute timeout (1 s): stat asks nbdfs again.
+            time.sleep(1.2)
+            blocks = os.stat(m.path("disk.img")).st_blocks
             tracer.terminate()
             tracer.wait(10)
             with open(trace) as f:
-                self.assertIn("fdatasync(", f.read())
+                calls = f.read()
+            self.assertIn("fdatasync(", calls)
+            # Without passthrough st_blocks is counted from block status,
+            # which the server answers with SEEK_DATA/SEEK_HOLE on the image.
+            self.assertEqual("SEEK_DATA" in calls, not passthrough, calls)
+            self.assertEqual(blocks, os.stat(self.image).st_blocks if passthrough
+                             else sum(n for _, n in t.data_extents_by_lseek(self.image)) // 512)
             if passthrough:
                 os.kill(pid, signal.SIGKILL)
                 t.wait_for(lambda: t.pid_exited(pid), what="the mount's process to end")
