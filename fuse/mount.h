@@ -30,9 +30,10 @@
  *   write over one in flight, O_DSYNC without FUA) waits on a condition
  *   variable for a completion.  That wait always ends: the I/O thread that
  *   drives the command answers it or fails it by its deadline, whatever any
- *   FUSE thread does.  A read of a read-only local raw image is the one
- *   exception: the FUSE thread preads the image itself (exports.c keeps the
- *   descriptor), a local file, with no connection involved; with FUSE
+ *   FUSE thread does.  A read of a local raw image is the one exception:
+ *   the FUSE thread preads the image itself (exports.c keeps the
+ *   descriptor), a local file, with no connection involved, once no write
+ *   in flight overlaps it (that wait ends like the others); with FUSE
  *   passthrough the kernel reads it and the read never reaches us (and with
  *   --passthrough=all writes too: lseek then asks the image, no connection).
  *   The first open registers the image with the kernel; with --passthrough=all

@@ -228,14 +228,16 @@ void nbdfs_export_read(fuse_req_t req, NbdfsMount *m, size_t size, off_t off)
         return;
     }
     hi = off + MIN(size, m->size - off);
-    if (m->read_only && m->image_fd >= 0) {
+    if (m->image_fd >= 0) {
         /*
-         * A read-only mount of a local raw image: nothing can be written
-         * meanwhile, and the bundled server would only pread the same file;
-         * read it here, with no handoff to another thread (libfuse reads the
-         * descriptor into the reply, or splices it).
+         * A local raw image: the bundled server would only pread the same
+         * file, and writes it straight (no cache of its own), so once no
+         * write in flight overlaps, read it here, with no handoff to
+         * another thread (libfuse reads the descriptor into the reply, or
+         * splices it).
          */
         struct fuse_bufvec bv = FUSE_BUFVEC_INIT(hi - off);
+        nbdfs_pending_wait_range(m, off, hi - off);
         bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY;
         bv.buf[0].fd = m->image_fd;
         bv.buf[0].pos = off;
