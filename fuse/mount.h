@@ -33,7 +33,8 @@
  *   FUSE thread does.  A read of a local raw image is the one exception:
  *   the FUSE thread preads the image itself (exports.c keeps the
  *   descriptor), a local file, with no connection involved, once no write
- *   in flight overlaps it (that wait ends like the others); with FUSE
+ *   in flight overlaps it (that wait ends like the others; the pread itself
+ *   is bounded by the image's file system, not by --timeout); with FUSE
  *   passthrough the kernel reads it and the read never reaches us (and with
  *   --passthrough=all writes too: lseek then asks the image, no connection).
  *   The first open registers the image with the kernel; with --passthrough=all

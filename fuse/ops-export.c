@@ -20,6 +20,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <string.h>
+#include <unistd.h>
 
 /*
  * Without WRITE_ZEROES a punch or zero range is written as zeros; past this
@@ -218,6 +219,64 @@ static int read_edges(NbdfsMount *m, char *buf, uint64_t lo, uint64_t hi, uint64
     return nbdfs_io_run(io);
 }
 
+/* A FUSE thread's read buffer, kept for its next read (a thread never serves two at once). */
+typedef struct {
+    char *mem;
+    size_t size;
+} ReadBuffer;
+
+static void read_buffer_free(gpointer data)
+{
+    ReadBuffer *b = data;
+
+    g_free(b->mem);
+    g_free(b);
+}
+
+static GPrivate read_buffer = G_PRIVATE_INIT(read_buffer_free);
+
+static char *thread_buffer(size_t size)
+{
+    ReadBuffer *b = g_private_get(&read_buffer);
+
+    if (!b) {
+        b = g_new0(ReadBuffer, 1);
+        g_private_set(&read_buffer, b);
+    }
+    if (b->size < size) {
+        g_free(b->mem);
+        b->mem = g_malloc(size);
+        b->size = size;
+    }
+    return b->mem;
+}
+
+/*
+ * LEN bytes of the image from OFF into BUF: 0, or the errno of the failed
+ * read (never a short reply, which the kernel would take for the end of the
+ * file).  Past the image's end (shrunk under us) zeros, as the server sends.
+ */
+static int read_image(NbdfsMount *m, char *buf, size_t len, uint64_t off)
+{
+    size_t done = 0;
+
+    while (done < len) {
+        ssize_t r = pread(m->image_fd, buf + done, len - done, (off_t)(off + done));
+        if (r < 0 && errno == EINTR) {
+            continue;
+        }
+        if (r < 0) {
+            return errno;
+        }
+        if (r == 0) {
+            memset(buf + done, 0, len - done);
+            break;
+        }
+        done += (size_t)r;
+    }
+    return 0;
+}
+
 void nbdfs_export_read(fuse_req_t req, NbdfsMount *m, size_t size, off_t off)
 {
     uint64_t lo = off, hi;
@@ -233,15 +292,17 @@ void nbdfs_export_read(fuse_req_t req, NbdfsMount *m, size_t size, off_t off)
          * A local raw image: the bundled server would only pread the same
          * file, and writes it straight (no cache of its own), so once no
          * write in flight overlaps, read it here, with no handoff to
-         * another thread (libfuse reads the descriptor into the reply, or
-         * splices it).
+         * another thread.
          */
-        struct fuse_bufvec bv = FUSE_BUFVEC_INIT(hi - off);
+        char *buf = thread_buffer(hi - off);
+        int err;
         nbdfs_pending_wait_range(m, off, hi - off);
-        bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY;
-        bv.buf[0].fd = m->image_fd;
-        bv.buf[0].pos = off;
-        fuse_reply_data(req, &bv, FUSE_BUF_SPLICE_MOVE);
+        err = read_image(m, buf, hi - off, off);
+        if (err) {
+            fuse_reply_err(req, err);
+        } else {
+            fuse_reply_buf(req, buf, hi - off);
+        }
         return;
     }
     align_out(m, &lo, &hi);

@@ -330,6 +330,25 @@ class LocalImageTest(t.TestCase):
         with open(self.image, "rb") as f:
             self.assertEqual(os.pread(f.fileno(), 4096, 52 * MiB), b"\x05" * 4096)
 
+    def test_image_shrunk_under_the_mount_reads_zeros(self):
+        """The FUSE threads read a local image themselves; an image another
+        program shrinks reads as zeros past its new end, as the server
+        sends, and never as a short read (the kernel would take that for
+        the end of the file and shrink it)."""
+        for args in (["--passthrough=off", "-r"], []):
+            with self.subTest(args=args):
+                image = make_test_image(self.path("shrunk-%d.img" % len(args)))
+                m = self.mount(image, *args, mountpoint=self.path("mnt-%d" % len(args)))
+                name = m.path(os.path.basename(image))
+                size = os.stat(name).st_size
+                os.truncate(image, size // 2)
+                with open(name, "rb", buffering=0) as f:
+                    # Not from the page cache: the read must reach nbdfs.
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                    self.assertEqual(os.pread(f.fileno(), 8192, size - 8192), bytes(8192))
+                    self.assertEqual(os.fstat(f.fileno()).st_size, size)
+                m.unmount()
+
     def test_enabled_bitmap_keeps_writes_in_nbdfs(self):
         """With a bitmap enabled every write must mark it: even with
         --passthrough=all, a write waits for a stopped daemon (and is then
