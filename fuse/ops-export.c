@@ -15,6 +15,7 @@
  * open-files.c.
  */
 #include "mount.h"
+#include "image.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -251,32 +252,6 @@ static char *thread_buffer(size_t size)
     return b->mem;
 }
 
-/*
- * LEN bytes of the image from OFF into BUF: 0, or the errno of the failed
- * read (never a short reply, which the kernel would take for the end of the
- * file).  Past the image's end (shrunk under us) zeros, as the server sends.
- */
-static int read_image(NbdfsMount *m, char *buf, size_t len, uint64_t off)
-{
-    size_t done = 0;
-
-    while (done < len) {
-        ssize_t r = pread(m->image_fd, buf + done, len - done, (off_t)(off + done));
-        if (r < 0 && errno == EINTR) {
-            continue;
-        }
-        if (r < 0) {
-            return errno;
-        }
-        if (r == 0) {
-            memset(buf + done, 0, len - done);
-            break;
-        }
-        done += (size_t)r;
-    }
-    return 0;
-}
-
 void nbdfs_export_read(fuse_req_t req, NbdfsMount *m, size_t size, off_t off)
 {
     uint64_t lo = off, hi;
@@ -297,7 +272,8 @@ void nbdfs_export_read(fuse_req_t req, NbdfsMount *m, size_t size, off_t off)
         char *buf = thread_buffer(hi - off);
         int err;
         nbdfs_pending_wait_range(m, off, hi - off);
-        err = read_image(m, buf, hi - off, off);
+        /* Whole, or an error: a short reply would read as the end of the file. */
+        err = nbds_pread_image_fd(m->image_fd, buf, hi - off, off);
         if (err) {
             fuse_reply_err(req, err);
         } else {

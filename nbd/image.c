@@ -166,12 +166,12 @@ bool nbds_image_is_block_device(const NbdsImage *img)
 
 int nbds_image_fd(const NbdsImage *img) { return img->fd; }
 
-int nbds_image_pread(NbdsImage *img, void *buf, uint64_t len, uint64_t offset)
+int nbds_pread_image_fd(int fd, void *buf, uint64_t len, uint64_t offset)
 {
     char *p = buf;
 
     while (len > 0) {
-        ssize_t r = pread(img->fd, p, len, offset);
+        ssize_t r = pread(fd, p, len, offset);
         if (r < 0) {
             if (errno == EINTR) {
                 continue;
@@ -188,6 +188,11 @@ int nbds_image_pread(NbdsImage *img, void *buf, uint64_t len, uint64_t offset)
         len -= r;
     }
     return 0;
+}
+
+int nbds_image_pread(NbdsImage *img, void *buf, uint64_t len, uint64_t offset)
+{
+    return nbds_pread_image_fd(img->fd, buf, len, offset);
 }
 
 /*

@@ -40,6 +40,12 @@ int nbds_image_fd(const NbdsImage *img);
 bool nbds_image_is_block_device(const NbdsImage *img);
 
 int nbds_image_pread(NbdsImage *img, void *buf, uint64_t len, uint64_t offset);
+/*
+ * The same from an image's descriptor FD (the mount reads its local image
+ * so): whole (never short), zeros past the end of a file shrunk under it;
+ * 0 or an errno.
+ */
+int nbds_pread_image_fd(int fd, void *buf, uint64_t len, uint64_t offset);
 int nbds_image_pwrite(NbdsImage *img, const void *buf, uint64_t len, uint64_t offset, bool fua);
 int nbds_image_flush(NbdsImage *img);
 /* Discard: may do nothing; the range then reads as zeros only if the file system says so. */
